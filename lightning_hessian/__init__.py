@@ -1,0 +1,32 @@
+"""lightning_hessian: the Hessian of a neural network's loss w.r.t. its parameters.
+
+Exact dense and block-diagonal Hessians, fast Hessian-vector products, Lanczos eigenvalues, trace
+and spectral-density estimators for any ``torch.nn.Module``, and a PyTorch Lightning callback that
+logs them to TensorBoard while a model trains.
+"""
+
+from .closure import infer_batch_size
+from .dense import HessianTooLargeError, hessian
+from .linear_operator import MatrixOperator, SymmetricOperator
+from .operator import HessianOperator
+from .parameters import ParameterSpace, resolve_blocks, select_parameters
+from .results import BlockReport, EigenResult, HessianReport, SpectralDensity, TraceResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockReport",
+    "EigenResult",
+    "HessianOperator",
+    "HessianReport",
+    "HessianTooLargeError",
+    "MatrixOperator",
+    "ParameterSpace",
+    "SpectralDensity",
+    "SymmetricOperator",
+    "TraceResult",
+    "hessian",
+    "infer_batch_size",
+    "resolve_blocks",
+    "select_parameters",
+]

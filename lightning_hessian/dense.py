@@ -1,0 +1,178 @@
+"""Exact dense Hessians (whole selection or diagonal blocks), built column chunk by column chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .closure import BatchSizeFn, LossFn
+from .memory import GIB, available_memory
+from .operator import HessianOperator
+from .parameters import BlocksSpec, Patterns, resolve_blocks
+
+_SYMMETRIZE_TILE = 2048
+_WORKSPACE_COLUMNS = 3  # matmat's input, output and transposed copies of one chunk
+
+
+class HessianTooLargeError(MemoryError):
+    """A dense Hessian would not fit in the memory the device has free."""
+
+
+def dense_memory_bytes(sizes: Iterable[int], dtype: torch.dtype, chunk: int = 0) -> int:
+    """Bytes needed for dense blocks of the given sizes plus one chunk of workspace.
+
+    Args:
+        sizes: Side length of each block.
+        dtype: Element dtype.
+        chunk: Columns computed at once.
+
+    Returns:
+        ``sum(n^2) * itemsize`` plus ``3 * max(n) * chunk * itemsize``.
+    """
+    sizes = list(sizes)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    workspace = _WORKSPACE_COLUMNS * max(sizes) * chunk * itemsize
+    return sum(n * n for n in sizes) * itemsize + workspace
+
+
+def check_dense_fits(sizes: Iterable[int], dtype: torch.dtype, device: torch.device, chunk: int = 0) -> None:
+    """Raise before allocating if the dense matrices would exceed the device's free memory.
+
+    Args:
+        sizes: Side length of each dense block.
+        dtype: Element dtype.
+        device: Where they would be allocated.
+        chunk: Columns computed at once.
+
+    Raises:
+        HessianTooLargeError: With the size in GB and the ways out.
+    """
+    sizes = list(sizes)
+    needed = dense_memory_bytes(sizes, dtype, chunk)
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise HessianTooLargeError(
+            f"The dense Hessian needs {needed / GIB:.2f} GB ({'+'.join(map(str, sizes))} parameters "
+            f"squared, {dtype}) but {device} has {free / GIB:.2f} GB free. Use `blocks=` for its "
+            "diagonal blocks, `params=` to select fewer parameters, or the matrix-free estimators "
+            "(lh.eigenvalues, lh.trace, lh.spectral_density on lh.HessianOperator)."
+        )
+
+
+def _symmetrize_(matrix: Tensor, tile: int = _SYMMETRIZE_TILE) -> Tensor:
+    """Replace ``matrix`` by ``(matrix + matrix.T) / 2`` in place, one tile pair at a time."""
+    n = matrix.shape[0]
+    for i in range(0, n, tile):
+        for j in range(i, n, tile):
+            upper = matrix[i : i + tile, j : j + tile]
+            lower = matrix[j : j + tile, i : i + tile]
+            mean = (upper + lower.T) * 0.5
+            upper.copy_(mean)
+            lower.copy_(mean.T)
+    return matrix
+
+
+def dense_from_operator(op: HessianOperator, chunk_size: int | None = None) -> Tensor:
+    """Materialize an operator as a dense symmetric matrix.
+
+    Only the lower triangle is computed: the columns of each parameter tensor are multiplied out
+    for the rows of that tensor and the ones after it (autograd then skips every layer before
+    them), and the rest is filled in by symmetry. Diagonal blocks are symmetrized.
+
+    Args:
+        op: The Hessian operator.
+        chunk_size: Columns per batched product (default: the operator's memory-sized chunk).
+
+    Returns:
+        The symmetric ``[N, N]`` matrix in the operator's flat order.
+
+    Raises:
+        HessianTooLargeError: If it does not fit in free memory (checked before allocating).
+    """
+    n = op.shape[0]
+    chunk = min(n, chunk_size or op._chunk_size())
+    check_dense_fits([n], op.dtype, op.device, chunk)
+    matrix = torch.empty(n, n, dtype=op.dtype, device=op.device)
+    names, slices = op.space.names, op.space.slices()
+    for k, name in enumerate(names):
+        first, size = slices[name].start, slices[name].stop - slices[name].start
+        for start in range(0, size, chunk):
+            stop = min(size, start + chunk)
+            basis = torch.zeros(stop - start, size, dtype=op.dtype, device=op.device)
+            basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
+            lower = op._all_reduce(op.block_products(basis, (name,), names[k:]))
+            matrix[first + start : first + stop, first:] = lower  # rows = columns by symmetry
+        matrix[first + size :, first : first + size] = matrix[first : first + size, first + size :].T
+        _symmetrize_(matrix[first : first + size, first : first + size])
+    return matrix
+
+
+def hessian(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    data: Iterable[Any],
+    *,
+    params: Patterns = None,
+    blocks: BlocksSpec = None,
+    mode: str = "eval",
+    dtype: torch.dtype | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    hvp: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor | dict[str, Tensor]:
+    """The exact Hessian of the size-weighted mean loss over ``data`` w.r.t. the model's parameters.
+
+    Args:
+        model: Any ``nn.Module``; never modified.
+        loss_fn: ``loss_fn(module, batch) -> scalar``; call ``module`` as usual. ``None`` uses a
+            LightningModule's ``training_step``.
+        data: Iterable of batches (list or DataLoader).
+        params: Glob pattern(s) on parameter names; default all trainable parameters.
+        blocks: ``None``/``"model"`` for the full matrix; ``"module"``, ``"parameter"`` or a mapping
+            ``name -> patterns`` for a dict of diagonal blocks, computed without the full matrix.
+        mode: ``"eval"`` (default) or ``"train"``.
+        dtype: Compute dtype, e.g. ``torch.float64``.
+        batch_size_fn: ``batch -> number of samples`` for batches whose size cannot be inferred.
+        hvp: Hessian-vector product method (see :class:`HessianOperator`).
+        chunk_size: Columns per batched product (default: sized from free memory).
+
+    Returns:
+        ``[N, N]`` in the flat order of ``named_parameters()``, or ``{block name: [n_b, n_b]}``.
+
+    Raises:
+        ValueError: For bad arguments (checked on the first batch before heavy work).
+        HessianTooLargeError: If the result does not fit in free memory, before allocating it.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        >>> H = hessian(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [batch])
+        >>> H.shape
+        torch.Size([26, 26])
+    """
+    full = HessianOperator(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        mode=mode,
+        dtype=dtype,
+        batch_size_fn=batch_size_fn,
+        hvp=hvp,
+        chunk_size=chunk_size,
+        cache_graphs=blocks in (None, "model"),
+    )
+    groups = resolve_blocks(full.space.names, blocks)
+    if blocks is None or blocks == "model":
+        return dense_from_operator(full, chunk_size)
+    sizes = {name: full.space.subspace(names).numel for name, names in groups.items()}
+    check_dense_fits(sizes.values(), full.dtype, full.device)
+    result = {}
+    for name, names in groups.items():
+        block = full.restrict(names)
+        result[name] = dense_from_operator(block, chunk_size)
+        block.release_graphs()
+    return result

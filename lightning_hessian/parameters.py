@@ -1,0 +1,209 @@
+"""Parameter space: which parameters the Hessian is taken over, their blocks and their flat order.
+
+The flat order is that of ``model.named_parameters()`` after selection, each tensor flattened
+row-major. A parameter shared by two modules appears once (``named_parameters`` deduplicates it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+Patterns = str | Sequence[str] | None
+BlocksSpec = str | Mapping[str, str | Sequence[str]] | None
+
+BLOCK_KINDS = ("model", "module", "parameter")
+ROOT_MODULE_NAME = "root"
+
+
+def _as_patterns(patterns: str | Sequence[str], argument: str) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        return (patterns,)
+    if not isinstance(patterns, Iterable) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"`{argument}` must be a glob pattern or a list of glob patterns on parameter names "
+            f"(e.g. ['conv1.*', 'fc.weight']), got {patterns!r}."
+        )
+    patterns = tuple(patterns)
+    if not patterns:
+        raise ValueError(f"`{argument}` is an empty list; pass None to select every parameter.")
+    return patterns
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def select_parameters(model: nn.Module, params: Patterns = None) -> dict[str, nn.Parameter]:
+    """Select the trainable parameters the Hessian is taken over.
+
+    Args:
+        model: The module.
+        params: Glob pattern(s) on ``named_parameters()`` names; ``None`` selects all trainable ones.
+
+    Returns:
+        Selected parameters by name, in ``named_parameters()`` order. Frozen parameters
+        (``requires_grad=False``) are never selected; shared parameters appear once.
+
+    Raises:
+        ValueError: If nothing is selected, naming the available parameters.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+        >>> list(select_parameters(model, "0.*"))
+        ['0.weight', '0.bias']
+    """
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if params is None:
+        selected = trainable
+    else:
+        patterns = _as_patterns(params, "params")
+        selected = {n: p for n, p in trainable.items() if _matches(n, patterns)}
+    if not selected:
+        available = ", ".join(list(trainable)[:12]) or "none"
+        raise ValueError(
+            f"`params={params!r}` selects no trainable parameter of {type(model).__name__}. "
+            f"Trainable parameters: {available}{' ...' if len(trainable) > 12 else ''}. "
+            "Pass glob patterns on these names, or None for all."
+        )
+    return selected
+
+
+def module_name_of(parameter_name: str) -> str:
+    """Name of the module that owns a parameter directly (``"root"`` for the top-level module)."""
+    return parameter_name.rpartition(".")[0] or ROOT_MODULE_NAME
+
+
+def resolve_blocks(names: Sequence[str], blocks: BlocksSpec) -> dict[str, tuple[str, ...]]:
+    """Group selected parameter names into named diagonal blocks.
+
+    Args:
+        names: Selected parameter names, in flat order.
+        blocks: ``None``/``"model"`` (one block ``"model"``), ``"module"`` (one block per module that
+            owns parameters directly, keyed by module name), ``"parameter"`` (one per tensor), or a
+            mapping ``block name -> glob pattern(s)``.
+
+    Returns:
+        Block name -> parameter names (each in flat order). Blocks are disjoint.
+
+    Raises:
+        ValueError: For an unknown kind, a group matching nothing, or a parameter in two groups.
+        TypeError: For a ``blocks`` of the wrong type.
+
+    Example:
+        >>> resolve_blocks(["0.weight", "0.bias", "1.weight"], "module")
+        {'0': ('0.weight', '0.bias'), '1': ('1.weight',)}
+    """
+    if blocks is None or blocks == "model":
+        return {"model": tuple(names)}
+    if isinstance(blocks, str):
+        if blocks == "parameter":
+            return {n: (n,) for n in names}
+        if blocks == "module":
+            grouped: dict[str, list[str]] = {}
+            for n in names:
+                grouped.setdefault(module_name_of(n), []).append(n)
+            return {k: tuple(v) for k, v in grouped.items()}
+        raise ValueError(
+            f"Unknown `blocks={blocks!r}`. Use None or 'model' (whole selection), 'module', "
+            "'parameter', or a mapping {block name: glob pattern(s)}."
+        )
+    if not isinstance(blocks, Mapping):
+        raise TypeError(
+            f"`blocks` must be None, 'model', 'module', 'parameter' or a mapping "
+            f"{{name: patterns}}, got {type(blocks).__name__}."
+        )
+    result: dict[str, tuple[str, ...]] = {}
+    owner: dict[str, str] = {}
+    for block_name, patterns in blocks.items():
+        pats = _as_patterns(patterns, f"blocks[{block_name!r}]")
+        members = tuple(n for n in names if _matches(n, pats))
+        if not members:
+            raise ValueError(
+                f"`blocks[{block_name!r}]={patterns!r}` matches no selected parameter; "
+                f"selected parameters are: {', '.join(names[:12])}."
+            )
+        for n in members:
+            if n in owner:
+                raise ValueError(
+                    f"Parameter {n!r} is in both `blocks[{owner[n]!r}]` and "
+                    f"`blocks[{block_name!r}]`; diagonal blocks must be disjoint."
+                )
+            owner[n] = block_name
+        result[str(block_name)] = members
+    return result
+
+
+@dataclass(frozen=True)
+class ParameterSpace:
+    """Names, shapes and flat offsets of the selected parameters.
+
+    Attributes:
+        names: Parameter names in flat order.
+        shapes: Their shapes.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor]) -> ParameterSpace:
+        """Build the space of a name -> tensor mapping (in its order)."""
+        return cls(tuple(tensors), tuple(t.shape for t in tensors.values()))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Number of entries of each tensor."""
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        """Total number of parameters ``N``."""
+        return sum(self.sizes)
+
+    def slices(self) -> dict[str, slice]:
+        """Flat index range of each parameter."""
+        out, start = {}, 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            out[name] = slice(start, start + size)
+            start += size
+        return out
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate tensors (a leading batch dimension allowed) into flat vectors.
+
+        Args:
+            tensors: Name -> tensor of the parameter's shape, or ``[m, *shape]`` for a batch.
+
+        Returns:
+            ``[N]``, or ``[m, N]`` for batched input.
+        """
+        first = tensors[self.names[0]]
+        batched = first.ndim == len(self.shapes[0]) + 1
+        lead = (first.shape[0],) if batched else ()
+        return torch.cat([tensors[n].reshape(*lead, -1) for n in self.names], dim=-1)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector ``[N]`` (or batch ``[m, N]``) into named views of the parameter shapes.
+
+        Raises:
+            ValueError: If the last dimension is not ``N``.
+        """
+        if flat.shape[-1] != self.numel:
+            raise ValueError(f"Expected a last dimension of {self.numel}, got {tuple(flat.shape)}.")
+        lead = tuple(flat.shape[:-1])
+        pieces = torch.split(flat, self.sizes, dim=-1)
+        return {
+            n: piece.reshape(*lead, *shape)
+            for n, piece, shape in zip(self.names, pieces, self.shapes, strict=True)
+        }
+
+    def subspace(self, names: Sequence[str]) -> ParameterSpace:
+        """The space of a subset of the parameters, in this space's order."""
+        wanted = set(names)
+        kept = [(n, s) for n, s in zip(self.names, self.shapes, strict=True) if n in wanted]
+        return ParameterSpace(tuple(n for n, _ in kept), tuple(s for _, s in kept))

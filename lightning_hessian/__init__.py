@@ -5,17 +5,22 @@ and spectral-density estimators for any ``torch.nn.Module``, and a PyTorch Light
 logs them to TensorBoard while a model trains.
 """
 
+from .analysis import analyze
 from .closure import infer_batch_size
 from .dense import HessianTooLargeError, hessian
+from .density import spectral_density
+from .lanczos import HessianConvergenceWarning, eigenvalues
 from .linear_operator import MatrixOperator, SymmetricOperator
 from .operator import HessianOperator
 from .parameters import ParameterSpace, resolve_blocks, select_parameters
 from .results import BlockReport, EigenResult, HessianReport, SpectralDensity, TraceResult
+from .trace import trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockReport",
+    "HessianConvergenceWarning",
     "EigenResult",
     "HessianOperator",
     "HessianReport",
@@ -25,8 +30,12 @@ __all__ = [
     "SpectralDensity",
     "SymmetricOperator",
     "TraceResult",
+    "analyze",
+    "eigenvalues",
     "hessian",
     "infer_batch_size",
     "resolve_blocks",
     "select_parameters",
+    "spectral_density",
+    "trace",
 ]

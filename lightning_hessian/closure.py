@@ -384,9 +384,9 @@ class LossClosure:
         Raises:
             ValueError: If the loss is not a scalar.
         """
-        swapped = {f"model.{k}": v for k, v in params.items()}
-        for k, v in (self.buffers() if buffers is None else buffers).items():
-            swapped[f"model.{k}"] = v
+        fixed = self.buffers() if buffers is None else buffers
+        swapped = {f"model.{k}": v for k, v in fixed.items()}
+        swapped.update((f"model.{k}", v) for k, v in params.items())
         if self.mode == "train":
             # One fixed random stream per batch, so dropout draws the same mask for every product.
             torch.manual_seed(_TRAIN_MODE_SEED + index)

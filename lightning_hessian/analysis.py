@@ -1,0 +1,351 @@
+"""One call that measures the curvature of every block of a model's Hessian: :func:`analyze`."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .closure import BatchSizeFn, LossFn, validate_mode
+from .dense import check_dense_fits, dense_from_operator
+from .density import spectral_density
+from .lanczos import eigenvalues
+from .linear_operator import check_int, make_generator
+from .operator import HessianOperator
+from .parameters import BlocksSpec, Patterns, resolve_blocks
+from .results import BlockReport, EigenResult, HessianReport, SpectralDensity, TraceResult
+from .trace import METHODS as TRACE_METHODS
+from .trace import rademacher, trace
+
+ANALYSIS_METHODS = ("auto", "dense", "iterative")
+Progress = Callable[[int, int], None]
+
+
+class _CountingOperator:
+    """Forwards products to an operator and reports each to a progress callback."""
+
+    def __init__(self, op: HessianOperator, tracker: _Progress) -> None:
+        self.op, self.tracker = op, tracker
+
+    shape = property(lambda self: self.op.shape)
+    dtype = property(lambda self: self.op.dtype)
+    device = property(lambda self: self.op.device)
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        out = self.op @ other
+        self.tracker.advance(1 if other.ndim == 1 else other.shape[1])
+        return out
+
+
+class _Progress:
+    def __init__(self, callback: Progress | None, planned: int) -> None:
+        self.callback, self.done, self.planned = callback, 0, planned
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        self.planned = max(self.planned, self.done)
+        if self.callback is not None:
+            self.callback(self.done, self.planned)
+
+
+def _validate(
+    top_k: int,
+    method: str,
+    dense_limit: int,
+    trace_method: str,
+    trace_matvecs: int,
+    density_probes: int,
+    density_steps: int,
+    mode: str,
+    progress: Progress | None,
+) -> None:
+    check_int("top_k", top_k, 0, "Pass 0 to skip the top eigenvalues.")
+    check_int("dense_limit", dense_limit, 0, "Blocks up to this size are computed densely.")
+    check_int("trace_matvecs", trace_matvecs, 1, "It is the number of products the trace may use.")
+    check_int("density_probes", density_probes, 1, "Use at least one random probe.")
+    check_int("density_steps", density_steps, 1, "Use at least one Lanczos step per probe.")
+    if method not in ANALYSIS_METHODS:
+        raise ValueError(f"`method={method!r}` must be one of {ANALYSIS_METHODS}.")
+    if trace_method not in TRACE_METHODS:
+        raise ValueError(f"`trace_method={trace_method!r}` must be one of {TRACE_METHODS}.")
+    validate_mode(mode)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"`progress` must be callable as progress(done, planned), got {progress!r}.")
+
+
+def _exact_eigen(values: Tensor, which: str, k: int) -> EigenResult:
+    picked = values.flip(0)[:k] if which == "largest" else values[:k]
+    return EigenResult(
+        values=picked,
+        vectors=None,
+        converged=torch.ones(picked.shape[0], dtype=torch.bool),
+        residuals=torch.zeros(picked.shape[0], dtype=torch.float64),
+        num_matvecs=0,
+        which=which,
+        tol=0.0,
+    )
+
+
+def _dense_block(
+    name: str, op: HessianOperator, top_k: int, min_eigenvalue: bool, trace_on: bool, density_on: bool
+) -> BlockReport:
+    matrix = dense_from_operator(op)
+    spectrum = torch.linalg.eigvalsh(matrix.to(torch.float64)).cpu()
+    n = spectrum.shape[0]
+    report = BlockReport(name=name, size=n, method="dense", spectrum=spectrum, num_matvecs=n)
+    if top_k:
+        report.eigenvalues = _exact_eigen(spectrum, "largest", min(top_k, n))
+    if min_eigenvalue:
+        report.min_eigenvalue = _exact_eigen(spectrum, "smallest", 1)
+    if trace_on:
+        report.trace = TraceResult(float(matrix.diagonal().sum()), 0.0, n, "exact")
+    if density_on:
+        weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        report.density = SpectralDensity(spectrum, weights, num_matvecs=0, num_probes=0, exact=True)
+    return report
+
+
+def _iterative_block(
+    name: str,
+    op: _CountingOperator,
+    settings: dict[str, Any],
+) -> BlockReport:
+    n = op.shape[0]
+    report = BlockReport(name=name, size=n, method="iterative")
+    seed, tol, budget = settings["seed"], settings["tol"], settings["max_matvecs"]
+    if settings["top_k"]:
+        report.eigenvalues = eigenvalues(
+            op,
+            min(settings["top_k"], n),
+            "largest",
+            tol=tol,
+            max_matvecs=budget,
+            seed=seed,
+            return_vectors=settings["eigenvectors"],
+        )
+        report.num_matvecs += report.eigenvalues.num_matvecs
+    if settings["min_eigenvalue"]:
+        report.min_eigenvalue = eigenvalues(op, 1, "smallest", tol=tol, max_matvecs=budget, seed=seed)
+        report.num_matvecs += report.min_eigenvalue.num_matvecs
+    if settings["trace"] and not settings["shared_trace"]:
+        report.trace = trace(op, settings["trace_method"], settings["trace_matvecs"], seed=seed)
+        report.num_matvecs += report.trace.num_matvecs
+    if settings["density"]:
+        steps = min(settings["density_steps"], n)
+        report.density = spectral_density(
+            op, num_probes=settings["density_probes"], num_steps=steps, seed=seed
+        )
+        report.num_matvecs += report.density.num_matvecs
+    return report
+
+
+def _shared_block_traces(
+    op: _CountingOperator,
+    groups: dict[str, tuple[str, ...]],
+    space_slices: dict[str, slice],
+    m: int,
+    seed: int,
+) -> dict[str, TraceResult]:
+    """Hutchinson traces of every diagonal block from one set of probes of the full operator.
+
+    For a Rademacher ``z``, ``E[z_B^T (H z)_B] = tr(H_BB)``: the same products serve every block.
+    """
+    n = op.shape[0]
+    probes = rademacher(n, m, make_generator(op.device, seed), op.dtype, op.device)
+    products = op @ probes
+    samples = probes * products  # [N, m]: per-coordinate samples of the diagonal
+    out = {}
+    for name, names in groups.items():
+        index = torch.cat([torch.arange(space_slices[p].start, space_slices[p].stop) for p in names])
+        block_samples = samples[index.to(samples.device)].sum(0).to(torch.float64)
+        stderr = float(block_samples.std(unbiased=True)) / math.sqrt(m) if m > 1 else float("nan")
+        out[name] = TraceResult(float(block_samples.mean()), stderr, m, "hutchinson (shared probes)")
+    return out
+
+
+def analyze(
+    model: nn.Module,
+    loss_fn: LossFn | None = None,
+    data: Iterable[Any] | None = None,
+    *,
+    params: Patterns = None,
+    blocks: BlocksSpec = None,
+    top_k: int = 3,
+    min_eigenvalue: bool = True,
+    trace: bool = True,  # noqa: A002 - the contract's argument name
+    density: bool = True,
+    method: str = "auto",
+    dense_limit: int = 1024,
+    mode: str = "eval",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    batch_size_fn: BatchSizeFn | None = None,
+    tol: float = 1e-4,
+    max_matvecs: int | None = None,
+    trace_method: str = "hutch++",
+    trace_matvecs: int = 99,
+    density_probes: int = 4,
+    density_steps: int = 32,
+    eigenvectors: bool = False,
+    hvp: str = "auto",
+    process_group: Any = "auto",
+    progress: Progress | None = None,
+) -> HessianReport:
+    """Measure the curvature of every diagonal block of the Hessian in one call.
+
+    Blocks of at most ``dense_limit`` parameters (``method="auto"``) are computed exactly from their
+    dense matrix: exact eigenvalues, trace and spectrum. Larger blocks use Hessian-vector products:
+    Lanczos for the top ``top_k`` and the smallest eigenvalue (with convergence flags), a stochastic
+    trace with its standard error, and stochastic Lanczos quadrature for the density. With several
+    iterative blocks, their traces come from one set of Hutchinson probes of the full operator.
+
+    Args:
+        model: Any ``nn.Module``; never modified.
+        loss_fn: ``loss_fn(module, batch) -> scalar``; ``None`` uses a LightningModule's
+            ``training_step``.
+        data: Iterable of batches.
+        params: Glob pattern(s) on parameter names; default all trainable parameters.
+        blocks: ``None``/``"model"``, ``"module"``, ``"parameter"`` or ``{name: patterns}``.
+        top_k: Number of top eigenvalues per block (0 to skip).
+        min_eigenvalue: Also compute the smallest eigenvalue.
+        trace: Compute the trace.
+        density: Compute the eigenvalue density.
+        method: ``"auto"``, ``"dense"`` (every block exactly) or ``"iterative"``.
+        dense_limit: Largest block computed densely under ``"auto"``.
+        mode: ``"eval"`` or ``"train"``.
+        dtype: Compute dtype, e.g. ``torch.float64``.
+        seed: Seed of every random probe.
+        batch_size_fn: ``batch -> number of samples``.
+        tol: Relative residual tolerance of the eigenvalues.
+        max_matvecs: Product budget per eigenvalue search (default: the estimator's).
+        trace_method: ``"hutch++"``, ``"xtrace"``, ``"hutchinson"`` or ``"exact"``.
+        trace_matvecs: Products per stochastic trace.
+        density_probes: Random probes of the density.
+        density_steps: Lanczos steps per density probe.
+        eigenvectors: Also return the top eigenvectors (iterative blocks).
+        hvp: Hessian-vector product method (see :class:`HessianOperator`).
+        process_group: See :class:`HessianOperator`.
+        progress: ``progress(done, planned)``, called as products complete.
+
+    Returns:
+        A :class:`~lightning_hessian.results.HessianReport`.
+
+    Raises:
+        ValueError: For bad arguments, before any product.
+        TypeError: For arguments of the wrong type.
+        HessianTooLargeError: If ``method="dense"`` is asked for blocks that do not fit in memory.
+
+    Example:
+        >>> report = analyze(model, loss_fn, [(x, y)], blocks="module", top_k=2)
+        >>> report.scalars()["hessian/model/eigenvalue_1"]  # doctest: +SKIP
+    """
+    _validate(
+        top_k, method, dense_limit, trace_method, trace_matvecs, density_probes, density_steps, mode, progress
+    )
+    started = time.perf_counter()
+    op = HessianOperator(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        mode=mode,
+        dtype=dtype,
+        batch_size_fn=batch_size_fn,
+        hvp=hvp,
+        process_group=process_group,
+    )
+    groups = resolve_blocks(op.space.names, blocks)
+    sizes = {name: op.space.subspace(names).numel for name, names in groups.items()}
+    dense = {
+        name for name, n in sizes.items() if method == "dense" or (method == "auto" and n <= dense_limit)
+    }
+    if method == "dense":
+        check_dense_fits(sizes.values(), op.dtype, op.device)
+    iterative = [name for name in groups if name not in dense]
+    shared_trace = trace and len(iterative) > 1 and trace_method != "exact"
+    planned = _planned_products(
+        sizes,
+        dense,
+        top_k,
+        min_eigenvalue,
+        trace,
+        density,
+        max_matvecs,
+        trace_matvecs,
+        density_probes,
+        density_steps,
+    )
+    tracker = _Progress(progress, planned)
+    settings = {
+        "top_k": top_k,
+        "min_eigenvalue": min_eigenvalue,
+        "trace": trace,
+        "shared_trace": shared_trace,
+        "density": density,
+        "seed": seed,
+        "tol": tol,
+        "max_matvecs": max_matvecs,
+        "trace_method": trace_method,
+        "trace_matvecs": trace_matvecs,
+        "density_probes": density_probes,
+        "density_steps": density_steps,
+        "eigenvectors": eigenvectors,
+    }
+    report = HessianReport(loss=op.loss(), num_samples=op.num_samples)
+    single = len(groups) == 1
+    for name, names in groups.items():
+        block_start = time.perf_counter()
+        block_op = op if single else op.restrict(names)
+        if name in dense:
+            block = _dense_block(name, block_op, top_k, min_eigenvalue, trace, density)
+            tracker.advance(block.size)
+        else:
+            block = _iterative_block(name, _CountingOperator(block_op, tracker), settings)
+        if not single:
+            block_op.release_graphs()
+        block.seconds = time.perf_counter() - block_start
+        report.blocks[name] = block
+    if shared_trace:
+        share_start = time.perf_counter()
+        slices = op.space.slices()
+        traces = _shared_block_traces(
+            _CountingOperator(op, tracker), {k: groups[k] for k in iterative}, slices, trace_matvecs, seed
+        )
+        share_seconds = (time.perf_counter() - share_start) / len(iterative)
+        for name, result in traces.items():
+            report.blocks[name].trace = result
+            report.blocks[name].num_matvecs += trace_matvecs / len(iterative)
+            report.blocks[name].seconds += share_seconds
+    for block in report.blocks.values():
+        block.num_matvecs = int(round(block.num_matvecs))
+    report.num_matvecs = tracker.done
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _planned_products(
+    sizes: dict[str, int],
+    dense: set[str],
+    top_k: int,
+    min_eigenvalue: bool,
+    trace_on: bool,
+    density_on: bool,
+    max_matvecs: int | None,
+    trace_matvecs: int,
+    density_probes: int,
+    density_steps: int,
+) -> int:
+    """Products the analysis expects to use (eigenvalue searches usually stop well before budget)."""
+    planned = 0
+    for name, n in sizes.items():
+        if name in dense:
+            planned += n
+            continue
+        search = min(n, max_matvecs or 100)
+        planned += search * (bool(top_k) + bool(min_eigenvalue))
+        planned += trace_matvecs * trace_on + density_probes * min(density_steps, n) * density_on
+    return planned

@@ -6,6 +6,7 @@ logs them to TensorBoard while a model trains.
 """
 
 from .analysis import analyze
+from .callback import HessianCallback
 from .closure import infer_batch_size
 from .dense import HessianTooLargeError, hessian
 from .density import spectral_density
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockReport",
+    "HessianCallback",
     "HessianConvergenceWarning",
     "EigenResult",
     "HessianOperator",

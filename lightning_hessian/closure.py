@@ -225,6 +225,26 @@ def preserved_module_state(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def preserved_tensor_slots(module: nn.Module) -> Iterator[None]:
+    """Put every submodule's own parameter and buffer objects back on exit.
+
+    ``functional_call`` in torch 2.13 leaves the swapped-in tensors on the module for parameters that
+    are tied (one tensor registered under two names); restoring the slots keeps the module's identity.
+    """
+    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, parameters, buffers in slots:
+            for name, tensor in parameters.items():
+                if m._parameters.get(name) is not tensor:
+                    m._parameters[name] = tensor
+            for name, tensor in buffers.items():
+                if m._buffers.get(name) is not tensor:
+                    m._buffers[name] = tensor
+
+
+@contextlib.contextmanager
 def _batch_norm_without_running_stats(module: nn.Module) -> Iterator[None]:
     """In train mode, make BatchNorm use batch statistics without updating running statistics."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -390,7 +410,8 @@ class LossClosure:
         if self.mode == "train":
             # One fixed random stream per batch, so dropout draws the same mask for every product.
             torch.manual_seed(_TRAIN_MODE_SEED + index)
-        loss = functional_call(self._wrapper, swapped, (self.batches[index], index), strict=False)
+        with preserved_tensor_slots(self.model):
+            loss = functional_call(self._wrapper, swapped, (self.batches[index], index), strict=False)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(

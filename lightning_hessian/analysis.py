@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .closure import BatchSizeFn, LossFn, validate_mode
 from .dense import check_dense_fits, dense_from_operator
 from .density import spectral_density
+from .errors import NonFiniteHessianError
 from .lanczos import eigenvalues
 from .linear_operator import check_int, make_generator
 from .operator import HessianOperator
@@ -238,6 +239,7 @@ def analyze(
         ValueError: For bad arguments, before any product.
         TypeError: For arguments of the wrong type.
         HessianTooLargeError: If ``method="dense"`` is asked for blocks that do not fit in memory.
+        NonFiniteHessianError: If the loss or a product is not finite (on any rank).
 
     Example:
         >>> report = analyze(model, loss_fn, [(x, y)], blocks="module", top_k=2)
@@ -296,6 +298,11 @@ def analyze(
         "eigenvectors": eigenvectors,
     }
     report = HessianReport(loss=op.loss(), num_samples=op.num_samples)
+    if not math.isfinite(report.loss):
+        raise NonFiniteHessianError(
+            f"The loss at which the Hessian is taken is {report.loss} (over all ranks); no curvature "
+            "can be computed there."
+        )
     single = len(groups) == 1
     for name, names in groups.items():
         block_start = time.perf_counter()

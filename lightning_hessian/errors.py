@@ -1,0 +1,11 @@
+"""Errors the library raises on purpose (besides ValueError/TypeError for bad arguments)."""
+
+from __future__ import annotations
+
+
+class NonFiniteHessianError(FloatingPointError):
+    """The loss or a Hessian-vector product is NaN or infinite (on this rank or another one).
+
+    Under ``torch.distributed`` every rank raises it at the same point, so no rank is left waiting
+    in a collective.
+    """

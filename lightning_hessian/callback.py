@@ -122,6 +122,23 @@ def _check_data(value: Any) -> str | Iterable[Any]:
     return value
 
 
+class _ProgressBar:
+    """A tqdm bar of Hessian-vector products, fed by ``analyze(progress=...)``."""
+
+    def __init__(self, description: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=description, unit="HVP", leave=False, dynamic_ncols=True, file=sys.stdout)
+
+    def __call__(self, done: int, planned: int) -> None:
+        if planned != self.bar.total:
+            self.bar.total = planned
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _check_finite(report: HessianReport) -> None:
     values = {"loss": report.loss, **report.scalars()}
     bad = sorted(name for name, value in values.items() if not math.isfinite(value))
@@ -453,28 +470,14 @@ class HessianCallback(Callback):
         return self._batches
 
     @contextlib.contextmanager
-    def _progress(self, trainer: pl.Trainer) -> Iterator[Callable[[int, int], None] | None]:
+    def _progress(self, trainer: pl.Trainer) -> Iterator[_ProgressBar | None]:
         enabled = self.progress_bar and trainer.progress_bar_callback is not None and trainer.is_global_zero
         if not enabled:
             yield None
             return
-        from tqdm import tqdm
-
-        bar = tqdm(
-            desc=f"Hessian (epoch {trainer.current_epoch}, step {trainer.global_step})",
-            unit="HVP",
-            leave=False,
-            dynamic_ncols=True,
-            file=sys.stdout,
-        )
-
-        def update(done: int, planned: int) -> None:
-            if planned != bar.total:
-                bar.total = planned
-            bar.update(done - bar.n)
-
+        bar = _ProgressBar(f"Hessian (epoch {trainer.current_epoch}, step {trainer.global_step})")
         try:
-            yield update
+            yield bar
         finally:
             bar.close()
 

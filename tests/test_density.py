@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_hessian.density as density_module
+from lightning_hessian.density import spectral_density
+from lightning_hessian.linear_operator import MatrixOperator, make_generator
+from lightning_hessian.trace import rademacher
+from tests.helpers import cross_entropy_loss
+from tests.spectra import exact_spectrum, uniform_spectrum, with_spectrum
+
+
+@pytest.fixture(scope="module")
+def indefinite() -> torch.Tensor:
+    values = torch.cat([torch.tensor([6.0, 4.0, -3.0], dtype=torch.float64), uniform_spectrum(97, -1.0, 2.0)])
+    return with_spectrum(values, seed=1)
+
+
+def probes_of(n: int, num_probes: int, seed: int) -> torch.Tensor:
+    """The probes spectral_density draws for a float64 operator (same generator, same order)."""
+    return rademacher(n, num_probes, make_generator("cpu", seed), torch.float64, torch.device("cpu"))
+
+
+def test_mass_one_and_each_probe_mean_is_its_rayleigh_quotient(indefinite: torch.Tensor) -> None:
+    op = MatrixOperator(indefinite)
+    result = spectral_density(op, num_probes=4, num_steps=12, seed=3)
+    assert result.weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert bool((result.weights >= 0).all())
+    assert result.nodes.shape == result.weights.shape == (48,)
+    assert result.num_matvecs == 48 == op.num_matvecs
+    assert result.num_probes == 4 and not result.exact
+    # sum_j w_j theta_j over one probe's quadrature is e1^T T e1 = z^T A z / z^T z; averaged over probes:
+    z = probes_of(100, 4, seed=3)
+    rayleigh = ((z * (indefinite @ z)).sum(0) / (z * z).sum(0)).mean()
+    assert result.mean == pytest.approx(float(rayleigh), rel=1e-10)
+
+
+def test_mean_is_trace_over_n_in_expectation(indefinite: torch.Tensor) -> None:
+    result = spectral_density(MatrixOperator(indefinite), num_probes=400, num_steps=2, seed=0)
+    true = float(torch.trace(indefinite)) / 100
+    # Rademacher quadratic forms: Var(z^T A z) = 2 (||A||_F^2 - sum a_ii^2); per-probe mean divides by N.
+    var = 2 * (indefinite.pow(2).sum() - indefinite.diagonal().pow(2).sum()) / 100**2
+    stderr = math.sqrt(float(var) / 400)
+    assert abs(result.mean - true) < 4 * stderr
+
+
+def test_negative_and_extreme_eigenvalues_are_resolved(indefinite: torch.Tensor) -> None:
+    exact = exact_spectrum(indefinite)
+    result = spectral_density(MatrixOperator(indefinite), num_probes=3, num_steps=25, seed=0)
+    assert result.nodes.min().item() == pytest.approx(-3.0, abs=1e-3)
+    assert result.nodes.max().item() == pytest.approx(6.0, abs=1e-3)
+    # Ritz values lie inside the spectrum.
+    assert exact[0] - 1e-9 <= result.nodes.min() and result.nodes.max() <= exact[-1] + 1e-9
+    # Mass below zero close to the true fraction of negative eigenvalues.
+    negative = float(result.weights[result.nodes < 0].sum())
+    assert negative == pytest.approx(float((exact < 0).double().mean()), abs=0.15)
+
+
+def test_enough_steps_give_the_exact_spectrum(indefinite: torch.Tensor) -> None:
+    small = indefinite[:12, :12]
+    result = spectral_density(MatrixOperator(small), num_probes=3, num_steps=12)
+    assert result.exact and result.num_probes == 0
+    torch.testing.assert_close(result.nodes, exact_spectrum(small))
+    torch.testing.assert_close(result.weights, torch.full((12,), 1 / 12, dtype=torch.float64))
+
+
+def test_invariant_krylov_space_stops_early_with_exact_nodes() -> None:
+    # Three distinct eigenvalues: every probe's Krylov space is exhausted after three steps.
+    values = torch.tensor([-1.0] * 20 + [0.5] * 30 + [2.0] * 10, dtype=torch.float64)
+    op = MatrixOperator(with_spectrum(values, seed=2))
+    result = spectral_density(op, num_probes=5, num_steps=10, seed=1)
+    assert result.num_matvecs == 15 == op.num_matvecs
+    distinct = torch.unique(torch.round(result.nodes, decimals=8))
+    torch.testing.assert_close(distinct, torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64))
+    mass = [float(result.weights[(result.nodes - v).abs() < 1e-6].sum()) for v in (-1.0, 0.5, 2.0)]
+    assert mass == pytest.approx([1 / 3, 1 / 2, 1 / 6], abs=0.15)
+
+
+def test_batched_probes_equal_one_probe_at_a_time(indefinite: torch.Tensor, monkeypatch) -> None:
+    together = spectral_density(MatrixOperator(indefinite), num_probes=4, num_steps=8, seed=5)
+    monkeypatch.setattr(density_module, "BASIS_BYTES", 1)  # forces groups of one probe
+    alone = spectral_density(MatrixOperator(indefinite), num_probes=4, num_steps=8, seed=5)
+    torch.testing.assert_close(together.nodes, alone.nodes)
+    torch.testing.assert_close(together.weights, alone.weights)
+
+
+def test_pdf_and_histogram_of_the_estimate(indefinite: torch.Tensor) -> None:
+    result = spectral_density(MatrixOperator(indefinite), num_probes=2, num_steps=15)
+    grid = torch.linspace(-5, 8, 2001, dtype=torch.float64)
+    assert float(torch.trapezoid(result.pdf(grid), grid)) == pytest.approx(1.0, abs=1e-3)
+    _, mass = result.histogram(16)
+    assert float(mass.sum()) == pytest.approx(1.0)
+
+
+def test_float32_same_seed_same_result_and_global_rng_untouched(indefinite: torch.Tensor) -> None:
+    op32 = MatrixOperator(indefinite.float())
+    state = torch.get_rng_state()
+    a = spectral_density(op32, num_probes=3, num_steps=10, seed=9)
+    b = spectral_density(op32, num_probes=3, num_steps=10, seed=9)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.nodes.dtype == torch.float64
+    assert torch.equal(a.nodes, b.nodes) and torch.equal(a.weights, b.weights)
+    assert a.weights.sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_probes": 0}, ValueError, "`num_probes` must be >= 1"),
+        ({"num_steps": 0}, ValueError, "`num_steps` must be >= 1"),
+        ({"num_steps": 2.0}, TypeError, "`num_steps` must be an integer"),
+        ({"seed": None}, TypeError, "`seed` must be an integer"),
+    ],
+)
+def test_bad_arguments_rejected_before_any_product(kwargs, error, match) -> None:
+    op = MatrixOperator(torch.eye(6, dtype=torch.float64))
+    with pytest.raises(error, match=match):
+        spectral_density(op, **kwargs)
+    assert op.num_matvecs == 0
+
+
+def test_hessian_operator_of_a_small_model() -> None:
+    from lightning_hessian.operator import HessianOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(40, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (40,), generator=gen))
+    ]
+    op = HessianOperator(model, cross_entropy_loss, data, hvp="reverse-over-reverse")
+    exact = exact_spectrum(op.to_dense())
+    n = exact.numel()
+    result = spectral_density(op, num_probes=3, num_steps=15, seed=0)
+    assert result.weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert result.nodes.max().item() == pytest.approx(float(exact[-1]), rel=1e-6)
+    assert result.nodes.min().item() == pytest.approx(float(exact[0]), abs=1e-3 * float(exact.abs().max()))
+    full = spectral_density(op, num_probes=1, num_steps=n)
+    torch.testing.assert_close(full.nodes, exact, atol=1e-10, rtol=0)

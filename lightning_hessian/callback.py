@@ -309,6 +309,7 @@ class HessianCallback(Callback):
         self._fingerprint: str | None = None
         self._loaded_fingerprint: str | None = None
         self._last_step: int | None = None
+        self._epoch: int | None = None  # the epoch in progress (the last one trained, at the end)
         self._report_dir: Path | None = None
         self._warned: set[str] = set()
 
@@ -399,6 +400,10 @@ class HessianCallback(Callback):
             # `log_dir` broadcasts from rank 0, so every rank must ask.
             self._report_dir = Path(trainer.log_dir or trainer.default_root_dir) / "hessian_reports"
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the epoch in progress (``current_epoch`` moves on before ``on_train_end``)."""
+        self._epoch = trainer.current_epoch
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -470,25 +475,26 @@ class HessianCallback(Callback):
         return self._batches
 
     @contextlib.contextmanager
-    def _progress(self, trainer: pl.Trainer) -> Iterator[_ProgressBar | None]:
+    def _progress(self, trainer: pl.Trainer, epoch: int) -> Iterator[_ProgressBar | None]:
         enabled = self.progress_bar and trainer.progress_bar_callback is not None and trainer.is_global_zero
         if not enabled:
             yield None
             return
-        bar = _ProgressBar(f"Hessian (epoch {trainer.current_epoch}, step {trainer.global_step})")
+        bar = _ProgressBar(f"Hessian (epoch {epoch}, step {trainer.global_step})")
         try:
             yield bar
         finally:
             bar.close()
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
-        step, epoch = trainer.global_step, trainer.current_epoch
+        step = trainer.global_step
+        epoch = trainer.current_epoch if self._epoch is None else self._epoch
         self._last_step = step
         entry: dict[str, Any] = {"epoch": epoch, "step": step, "reason": reason}
         start = time.perf_counter()
         try:
             batches = self._evaluation_batches(trainer, pl_module)
-            with torch.inference_mode(False), torch.enable_grad(), self._progress(trainer) as progress:
+            with torch.inference_mode(False), torch.enable_grad(), self._progress(trainer, epoch) as progress:
                 report = analysis.analyze(
                     pl_module,
                     self.loss_fn,

@@ -134,20 +134,20 @@ def test_progress_bar_follows_the_trainer_and_reports_products(capsys):
     quiet = types.SimpleNamespace(
         progress_bar_callback=None, is_global_zero=True, current_epoch=0, global_step=0
     )
-    with cb._progress(quiet) as update:
+    with cb._progress(quiet, 0) as update:
         assert update is None
     shown = types.SimpleNamespace(
         progress_bar_callback=object(), is_global_zero=True, current_epoch=2, global_step=7
     )
-    with cb._progress(shown) as update:
+    with cb._progress(shown, 2) as update:
         update(10, 40)
         update(40, 40)
         assert (update.bar.n, update.bar.total) == (40, 40)
     assert "Hessian (epoch 2, step 7)" in capsys.readouterr().out
-    with HessianCallback(progress_bar=False)._progress(shown) as update:
+    with HessianCallback(progress_bar=False)._progress(shown, 2) as update:
         assert update is None
     not_zero = types.SimpleNamespace(**{**vars(shown), "is_global_zero": False})
-    with cb._progress(not_zero) as update:
+    with cb._progress(not_zero, 2) as update:
         assert update is None
 
 

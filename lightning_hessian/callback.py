@@ -494,6 +494,7 @@ class HessianCallback(Callback):
         start = time.perf_counter()
         try:
             batches = self._evaluation_batches(trainer, pl_module)
+            entry["num_batches"] = len(batches)
             with torch.inference_mode(False), torch.enable_grad(), self._progress(trainer, epoch) as progress:
                 report = analysis.analyze(
                     pl_module,

@@ -120,7 +120,7 @@ def density_image(block: BlockReport, step: int | None = None, points: int = 512
     peak = float(pdf.max()) if math.isfinite(float(pdf.max())) and float(pdf.max()) > 0 else 1.0
     pdf = pdf.clamp_min(peak * 1e-7)
 
-    figure = Figure(figsize=(6.4, 4.0), dpi=80)
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     kind = "exact spectrum" if density.exact else f"SLQ, {density.num_probes} probes"

@@ -233,3 +233,13 @@ def test_user_batches_go_through_the_transfer_hooks_and_val_data_is_taken_from_t
     assert [torch.equal(a[0], b[0]) for a, b in zip(val.batches, expected_val, strict=True)] == [True, True]
     assert given.history[-1]["ok"] and val.history[-1]["ok"]
     assert given.batches_fingerprint is not None and given.batches_fingerprint != val.batches_fingerprint
+
+
+def test_steps_count_optimizer_steps_and_early_evaluations_use_the_batches_so_far(tmp_path):
+    hessian = lh.HessianCallback(every_n_steps=1, num_batches=3, analyze_kwargs=FAST, figures=False)
+    fit = trainer(tmp_path, [hessian], max_epochs=1, logger=False, accumulate_grad_batches=2)
+    with pytest.warns(UserWarning, match="on the 2 training batch"):
+        fit.fit(TinyModule(), loader(n=32))
+    # 4 batches, 2 per optimizer step: steps 1 and 2; the end (step 2) was just evaluated.
+    assert [(h["step"], h["num_batches"]) for h in hessian.history] == [(1, 2), (2, 3)]
+    assert len(hessian.batches) == 3

@@ -10,6 +10,7 @@ from .callback import HessianCallback
 from .closure import infer_batch_size
 from .dense import HessianTooLargeError, hessian
 from .density import spectral_density
+from .errors import NonFiniteHessianError
 from .lanczos import HessianConvergenceWarning, eigenvalues
 from .linear_operator import MatrixOperator, SymmetricOperator
 from .operator import HessianOperator
@@ -28,6 +29,7 @@ __all__ = [
     "HessianReport",
     "HessianTooLargeError",
     "MatrixOperator",
+    "NonFiniteHessianError",
     "ParameterSpace",
     "SpectralDensity",
     "SymmetricOperator",

@@ -1,13 +1,13 @@
 """Train a small CNN on scikit-learn's bundled 8x8 digits and log its per-layer curvature.
 
 No download: the 1,797 digit images ship with scikit-learn. Every epoch, ``HessianCallback`` takes the
-Hessian of the training loss on the same four cached training batches and logs, per layer
+Hessian of the training loss on the same two cached training batches (128 images) and logs, per layer
 (``blocks="module"``), the top eigenvalues, the smallest eigenvalue, the trace, the eigenvalue
 spectrum (histogram) and a density plot to TensorBoard under ``lightning_logs/``.
 
 Run it and open TensorBoard::
 
-    python examples/train_digits.py            # about a minute on 2 CPU cores
+    python examples/train_digits.py            # 1-2 minutes on 2 CPU cores
     tensorboard --logdir lightning_logs
 
 The layers ``conv1`` (80 parameters) and ``fc`` (650) are small enough for exact spectra;
@@ -120,7 +120,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     L.seed_everything(0)
-    hessian = lh.HessianCallback(every_n_epochs=1, blocks="module", top_k=3, num_batches=4)
+    hessian = lh.HessianCallback(every_n_epochs=1, blocks="module", top_k=3, num_batches=2)
     trainer = L.Trainer(
         max_epochs=args.epochs,
         callbacks=[hessian],

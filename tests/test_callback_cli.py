@@ -33,7 +33,7 @@ def test_lightning_cli_runs_the_example_config(tmp_path, monkeypatch):
             "--config",
             str(EXAMPLES / "hessian_cli.yaml"),
             "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
+            "--trainer.limit_train_batches=3",
             "--trainer.limit_val_batches=1",
             "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path}",
@@ -42,10 +42,10 @@ def test_lightning_cli_runs_the_example_config(tmp_path, monkeypatch):
         ]
     )
     (hessian,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, lh.HessianCallback)]
-    assert hessian.blocks == "module" and hessian.top_k == 3 and hessian.num_batches == 4
+    assert hessian.blocks == "module" and hessian.top_k == 3 and hessian.num_batches == 2
     assert hessian.analyze_kwargs == {"trace_matvecs": 60, "density_steps": 32}
     assert hessian.data == "train" and hessian.schedule.every_n_epochs == 1
-    # limit_train_batches=2: the cache holds the two batches the epoch had, evaluated once.
+    # The cache holds the first num_batches=2 of the epoch's 3 training batches, evaluated once.
     assert len(hessian.batches) == 2
     assert [(h["epoch"], h["ok"]) for h in hessian.history] == [(0, True)]
     accumulator = events(cli.trainer.logger.log_dir)

@@ -40,7 +40,6 @@ EXPECTED_STEPS = [5, 8, 10, 12]  # every_n_steps=5: 5, 10; every_n_epochs=2: epo
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """3 epochs of 4 steps, TensorBoard + CSV loggers, evaluations at steps 5, 8, 10 and 12."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("logging")
     torch.manual_seed(0)
     model = TinyModule()

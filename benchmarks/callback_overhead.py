@@ -136,6 +136,7 @@ def main() -> None:
     ratio_cpu = statistics.median(r["callback_cpu"] / r["bare_cpu"] for r in rows)
     ratio_analyze = statistics.median(r["analyze_wall"] / r["bare_wall"] for r in rows)
     ratio_batched = statistics.median(r["callback_wall"] / r["batched_wall"] for r in rows)
+    ratio_layer = statistics.median(r["callback_wall"] / r["analyze_wall"] for r in rows)
     share = (with_seconds - plain_seconds) / with_seconds
     ms = 1e3
 
@@ -173,6 +174,7 @@ def main() -> None:
     print(f"| **callback per HVP / bare `op @ v`, wall** (target <= 1.1x) | **{ratio_wall:.2f}x** |")
     print(f"| callback per HVP / bare `op @ v`, CPU | {ratio_cpu:.2f}x |")
     print(f"| analyze per HVP / bare `op @ v`, wall | {ratio_analyze:.2f}x |")
+    print(f"| callback layer alone: callback / analyze per HVP, wall | {ratio_layer:.2f}x |")
     print(f"| callback per HVP / bare batched column, wall | {ratio_batched:.2f}x |")
 
 

@@ -16,6 +16,7 @@ Run::
 
     python benchmarks/callback_overhead.py             # 5 epochs, 1 torch thread
     python benchmarks/callback_overhead.py --epochs 3 --threads 2
+    python benchmarks/callback_overhead.py --hvp reverse-over-reverse   # no per-evaluation method choice
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ class BareProducts(Callback):
     the same model state and batches, so both are measured under the same machine load.
     """
 
-    def __init__(self, hessian: lh.HessianCallback, clock: Clock, repeats: int, columns: int) -> None:
+    def __init__(
+        self, hessian: lh.HessianCallback, clock: Clock, repeats: int, columns: int, hvp: str
+    ) -> None:
         self.hessian, self.clock, self.repeats, self.columns = hessian, clock, repeats, columns
+        self.hvp = hvp
         self.rows: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -67,7 +71,7 @@ class BareProducts(Callback):
         row = {"callback_wall": wall / matvecs, "callback_cpu": cpu / matvecs, "matvecs": matvecs}
         row["analyze_wall"] = entry["hessian/seconds"] / matvecs
         start_wall, start_cpu = time.perf_counter(), time.process_time()
-        op = lh.HessianOperator(pl_module, None, self.hessian.batches)
+        op = lh.HessianOperator(pl_module, None, self.hessian.batches, hvp=self.hvp)
         v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0))
         op @ v  # the first product chooses the method
         row["build_wall"] = time.perf_counter() - start_wall
@@ -108,6 +112,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30, help="timed single products per epoch")
     parser.add_argument("--columns", type=int, default=32, help="columns of the batched product")
+    parser.add_argument(
+        "--hvp", default="auto", help="HVP method of analyze and the bare operator (default: auto choice)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -115,11 +122,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         plain_seconds, plain_model = fit(args.epochs, [], root)
-        hessian = lh.HessianCallback(evaluate_at_end=False)
+        settings = {} if args.hvp == "auto" else {"analyze_kwargs": {"hvp": args.hvp}}
+        hessian = lh.HessianCallback(evaluate_at_end=False, **settings)
         with_seconds, model = fit(args.epochs, [hessian], root)
         clock = Clock()
-        timed = lh.HessianCallback(evaluate_at_end=False)
-        bare = BareProducts(timed, clock, args.repeats, args.columns)
+        timed = lh.HessianCallback(evaluate_at_end=False, **settings)
+        bare = BareProducts(timed, clock, args.repeats, args.columns, args.hvp)
         fit(args.epochs, [clock, timed, bare], root)
     identical = all(
         torch.equal(a, b)
@@ -145,7 +153,8 @@ def main() -> None:
     )
     print(
         f"{args.epochs} epochs, {len(evaluations)} evaluations on {len(hessian.batches)} batches of 64 "
-        f"(default HessianCallback()), torch {torch.__version__}, {args.threads} thread(s), load average "
+        f"(default HessianCallback(), hvp={args.hvp}), torch {torch.__version__}, {args.threads} thread(s), "
+        "load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; per-HVP figures are medians over epochs "
         f"{len(bare.rows) - len(rows) + 1}..{len(bare.rows)}, bare products timed right after each "
         "evaluation\n"

@@ -15,7 +15,6 @@ from lightning_hessian.callback import HessianCallback
 from lightning_hessian.reporting import density_image, raw_histogram, scalar_metrics, supports_media
 from lightning_hessian.results import BlockReport, EigenResult, HessianReport, SpectralDensity, TraceResult
 from lightning_hessian.schedule import Schedule
-from tests.test_callback_common import one_thread  # noqa: F401
 
 BAD_ARGUMENTS = [
     ({"every_n_epochs": 0}, "every_n_epochs"),

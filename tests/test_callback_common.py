@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
@@ -20,14 +19,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 FAST = {"hvp": "reverse-over-reverse"}  # skips the auto method choice: same numbers, less time
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyModule(L.LightningModule):

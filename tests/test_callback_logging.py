@@ -27,7 +27,6 @@ from tests.test_callback_common import (
     dataset,
     events,
     loader,
-    one_thread,  # noqa: F401
     scalar_series,
     trainer,
 )

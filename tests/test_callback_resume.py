@@ -15,7 +15,6 @@ from tests.test_callback_common import (
     TinyModule,
     events,
     loader,
-    one_thread,  # noqa: F401
     scalar_series,
     trainer,
 )

@@ -22,7 +22,6 @@ from tests.test_callback_common import (
     TinyModule,
     cross_entropy,
     loader,
-    one_thread,  # noqa: F401
     trainer,
 )
 

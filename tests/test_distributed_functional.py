@@ -44,6 +44,7 @@ def _summaries(model, data, **kwargs):
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, halves = _problem()

@@ -66,7 +66,7 @@ def _lanczos_block(
     v, used = start, 0
     for j in range(num_steps):
         basis[:, j] = v.T
-        w = (op @ v).to(dtype)
+        w = (op @ v[:, 0]).to(dtype).unsqueeze(1) if v.shape[1] == 1 else (op @ v).to(dtype)
         used += v.shape[1]
         norms = w.norm(dim=0).double()
         alpha = torch.zeros(len(active), dtype=torch.float64, device=start.device)

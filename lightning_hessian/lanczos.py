@@ -152,7 +152,9 @@ class _Krylov:
             self.proj[m0 + j, :m0] = item.coupling[:m0]
             self.chain_of[m0 + j] = item.chain
         self.m = m1
-        products = (self.op @ self.basis[:, m0:m1]).to(self.dtype).reshape(self.n, b)
+        # A single vector goes as a contiguous [N] vector: operators multiply those fastest.
+        block = self.basis[:, m0] if b == 1 else self.basis[:, m0:m1]
+        products = (self.op @ block.contiguous()).to(self.dtype).reshape(self.n, b)
         self.num_matvecs += b
         norms = products.norm(dim=0).double()
         residual, cq, cp = self._project_out(products)

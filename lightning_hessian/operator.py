@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .closure import BatchSizeFn, LossClosure, LossFn, differentiable_context
+from .errors import NonFiniteHessianError, RankFailedError
 from .memory import available_memory, saved_tensor_bytes
 from .parameters import ParameterSpace, Patterns, select_parameters
 
@@ -34,9 +35,13 @@ FORWARD = "forward-over-reverse"
 HVP_METHODS = ("auto", REVERSE, FORWARD)
 _GRAPH_CACHE_SHARE = 0.25  # share of free memory the cached first-order graphs may take
 _CHUNK_MEMORY_SHARE = 0.25  # share of free memory one batched product may take
-_MAX_CHUNK = 1024
+_MAX_CHUNK = 256  # batched products of more columns run slower per column (cache), measured
 _LOOP = " (loop)"
 _SELECTION_COLUMNS = 32  # columns timed per candidate when choosing the batched method
+_VECTOR_ROUNDS = 3  # timed runs per candidate (after a warm-up), interleaved; the fastest counts
+_MATRIX_ROUNDS = 2
+_WARM_UP_COLUMNS = 4  # untimed first batched run of each candidate
+_BLOCK_SELECTION_MIN_COLUMNS = 1024  # a dense block this wide gets its own batched-method choice
 
 
 @dataclass
@@ -61,6 +66,21 @@ class MethodChoice:
     matrix: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+
+
+_METHOD_MEMORY: dict[tuple[Any, ...], MethodChoice] = {}
+_METHOD_MEMORY_SIZE = 64
+
+
+def _tensor_signature(batch: Any) -> tuple[Any, ...]:
+    """Shapes and dtypes of every tensor in a (nested) batch."""
+    if isinstance(batch, Tensor):
+        return ((tuple(batch.shape), str(batch.dtype)),)
+    if isinstance(batch, dict):
+        return tuple(item for key in sorted(batch, key=str) for item in _tensor_signature(batch[key]))
+    if isinstance(batch, list | tuple):
+        return tuple(item for value in batch for item in _tensor_signature(value))
+    return (type(batch).__name__,)
 
 
 def _resolve_process_group(process_group: Any) -> Any:
@@ -165,6 +185,28 @@ class HessianOperator:
         chunk_size: int | None,
         process_group: Any,
     ) -> None:
+        with torch.inference_mode(False):  # callers may hold inference mode; products need autograd
+            self._setup_in_autograd_mode(
+                closure,
+                params,
+                dtype=dtype,
+                hvp=hvp,
+                cache_graphs=cache_graphs,
+                chunk_size=chunk_size,
+                process_group=process_group,
+            )
+
+    def _setup_in_autograd_mode(
+        self,
+        closure: LossClosure,
+        params: dict[str, Tensor],
+        *,
+        dtype: torch.dtype,
+        hvp: str,
+        cache_graphs: bool | str,
+        chunk_size: int | None,
+        process_group: Any,
+    ) -> None:
         if not dtype.is_floating_point:
             raise TypeError(f"Parameters must be floating point, got {dtype}.")
         self.closure = closure
@@ -176,14 +218,31 @@ class HessianOperator:
         self.chunk_size = chunk_size
         self.num_matvecs = 0
         self.process_group = process_group
-        self.num_samples = self._all_reduce_count(closure.num_samples)
         self.choice = MethodChoice(
             vector=None if hvp == "auto" else hvp, matrix=None if hvp == "auto" else hvp
         )
+        if hvp == "auto" and self._problem_key() in _METHOD_MEMORY:
+            # Measured before in this process for the same model, loss, parameters and batch shapes
+            # (e.g. the callback's previous evaluation): reuse the choice instead of timing again.
+            remembered = _METHOD_MEMORY[self._problem_key()]
+            self.choice = MethodChoice(
+                remembered.vector, remembered.matrix, dict(remembered.seconds), dict(remembered.failures)
+            )
         self._graphs: dict[int, _Graph] = {}
         self._graph_bytes = 0
-        first = self._build_graph(0)
-        self._validate_first_graph(first)
+        # Batched method per (support, targets) pair where it was chosen apart from `choice.matrix`
+        # (the dense path times each wide parameter block on its own: their costs differ a lot).
+        self._block_methods: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
+        self._block_seconds: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, float]] = {}
+        try:
+            first = self._build_graph(0)
+            self._validate_first_graph(first)
+        except Exception as error:
+            if process_group is None:
+                raise
+            self._all_reduce_count(closure.num_samples, failure=error)
+            raise
+        self.num_samples = self._all_reduce_count(closure.num_samples)
         self._cache_graphs = self._decide_caching(cache_graphs)
         if self._cache_graphs and hvp != FORWARD:
             self._graphs[0] = first
@@ -253,12 +312,18 @@ class HessianOperator:
         )
 
     # ----------------------------------------------------------------------------- set-up
-    def _all_reduce_count(self, count: int) -> int:
+    def _all_reduce_count(self, count: int, failure: BaseException | None = None) -> int:
+        """Sum the sample counts of all ranks, and agree on whether any rank failed to set up."""
         if self.process_group is None:
             return count
-        t = torch.tensor([count], dtype=torch.float64, device=self._reduce_device())
+        t = torch.tensor([count, failure is not None], dtype=torch.float64, device=self._reduce_device())
         dist.all_reduce(t, group=self.process_group)
-        return int(t.item())
+        if t[1] > 0 and failure is None:
+            raise RankFailedError(
+                f"{int(t[1])} other rank(s) failed to build the Hessian operator; this rank stops too "
+                "so that no rank waits in a collective."
+            )
+        return int(t[0].item())
 
     def _reduce_device(self) -> torch.device:
         backend = dist.get_backend(self.process_group)
@@ -306,17 +371,25 @@ class HessianOperator:
 
     # ----------------------------------------------------------------------------- loss & gradient
     def loss(self) -> float:
-        """The size-weighted mean loss over all batches (and ranks) at the operator's parameters."""
-        total = torch.zeros((), dtype=torch.float64, device=self._device)
-        for i in range(self.num_batches):
-            graph = self._graphs.get(i)
-            if graph is None:
-                with self.closure.context(), torch.no_grad():
-                    value = self.closure.batch_loss(self._params, i)
-            else:
-                value = graph.loss
-            total += float(value) * self.closure.batch_sizes[i]
-        return float(self._all_reduce(total.reshape(1))) / self.num_samples
+        """The size-weighted mean loss over all batches (and ranks) at the operator's parameters.
+
+        Raises:
+            NonFiniteHessianError: If it is NaN or infinite (on any rank).
+        """
+
+        def local() -> Tensor:
+            total = torch.zeros(1, dtype=torch.float64, device=self._device)
+            for i in range(self.num_batches):
+                graph = self._graphs.get(i)
+                if graph is None:
+                    with self.closure.context(), torch.no_grad():
+                        value = self.closure.batch_loss(self._params, i)
+                else:
+                    value = graph.loss
+                total += float(value) * self.closure.batch_sizes[i]
+            return total
+
+        return float(self.agreed_all_reduce(local, (1,), torch.float64)) / self.num_samples
 
     # ----------------------------------------------------------------------------- products
     def __matmul__(self, other: Tensor) -> Tensor:
@@ -330,31 +403,96 @@ class HessianOperator:
         n = self.shape[0]
         if other.ndim not in (1, 2) or other.shape[0] != n:
             raise ValueError(f"Expected a tensor of shape [{n}] or [{n}, m], got {tuple(other.shape)}.")
-        other = other.to(device=self._device, dtype=self._dtype)
-        if other.ndim == 1:
-            return self.matvec(other)
-        return self.matmat(other)
+        with torch.inference_mode(False):
+            other = other.to(device=self._device, dtype=self._dtype)
+            if other.is_inference():
+                other = other.clone()
+            if other.ndim == 1:
+                return self.matvec(other)
+            return self.matmat(other)
 
     def matvec(self, vector: Tensor) -> Tensor:
-        """``H @ v`` for one vector ``[N]``."""
-        rows = vector.unsqueeze(0)
-        if self.choice.vector is None:
-            self._choose_vector_method(rows)
-        out = self._products(rows, self.choice.vector, batched=False)[0]
+        """``H @ v`` for one vector ``[N]``.
+
+        Raises:
+            NonFiniteHessianError: If the product is not finite (on any rank).
+        """
+
+        def local() -> Tensor:
+            rows = vector.unsqueeze(0)
+            if self.choice.vector is None:
+                self._choose_vector_method(rows)
+            return self._products(rows, self.choice.vector, batched=False)[0]
+
+        out = self.agreed_all_reduce(local, vector.shape)
         self.num_matvecs += 1
-        return self._all_reduce(out)
+        return out
 
     def matmat(self, matrix: Tensor) -> Tensor:
-        """``H @ V`` for a matrix ``[N, m]``, in column chunks sized to the free memory."""
-        out = torch.empty_like(matrix)
-        chunk = self._chunk_size()
-        for begin in range(0, matrix.shape[1], chunk):
-            rows = matrix[:, begin : begin + chunk].T.contiguous()
-            out[:, begin : begin + chunk] = self.block_products(rows).T
-        return self._all_reduce(out)
+        """``H @ V`` for a matrix ``[N, m]``, in column chunks sized to the free memory.
+
+        Raises:
+            NonFiniteHessianError: If a product is not finite (on any rank).
+        """
+
+        def local() -> Tensor:
+            out = torch.empty_like(matrix)
+            chunk = self._chunk_size()
+            for begin in range(0, matrix.shape[1], chunk):
+                rows = matrix[:, begin : begin + chunk].T.contiguous()
+                out[:, begin : begin + chunk] = self.block_products(rows).T
+            return out
+
+        return self.agreed_all_reduce(local, matrix.shape)
+
+    def agreed_all_reduce(
+        self,
+        local: Callable[[], Tensor],
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Run a local product computation and sum it over ranks; all ranks fail together.
+
+        A local exception under ``torch.distributed`` becomes a NaN-filled contribution that still
+        joins the all-reduce, so no rank is left waiting; a non-finite result then raises on every
+        rank at the same point (the failing rank chains its own error).
+
+        Args:
+            local: Computes this rank's (weighted) contribution.
+            shape: Its shape.
+            dtype: Its dtype (default the operator's).
+
+        Returns:
+            The sum over ranks (the local result without a process group).
+
+        Raises:
+            NonFiniteHessianError: If the result is NaN or infinite.
+        """
+        error: BaseException | None = None
+        try:
+            result = local()
+        except Exception as caught:
+            if self.process_group is None:
+                raise
+            error = caught
+            result = torch.full(tuple(shape), float("nan"), dtype=dtype or self._dtype, device=self._device)
+        result = self._all_reduce(result)
+        if not bool(torch.isfinite(result).all()):
+            where = "this rank" if error is not None else "the loss or another rank"
+            raise NonFiniteHessianError(
+                f"A Hessian-vector product is not finite (failure on {where}"
+                f"{f': {type(error).__name__}: {error}' if error is not None else ''}). Check the loss "
+                "for NaN/inf at these parameters and batches."
+            ) from error
+        return result
 
     def block_products(
-        self, rows: Tensor, support: tuple[str, ...] | None = None, targets: tuple[str, ...] | None = None
+        self,
+        rows: Tensor,
+        support: tuple[str, ...] | None = None,
+        targets: tuple[str, ...] | None = None,
+        *,
+        out: Tensor | None = None,
     ) -> Tensor:
         """Local (not yet all-reduced) products of one chunk, restricted to parameter subsets.
 
@@ -367,25 +505,30 @@ class HessianOperator:
             rows: ``[m, N_support]``.
             support: Parameter names the vectors live on (default all).
             targets: Parameter names whose product entries are wanted (default all).
+            out: Optional ``[m, N_targets]`` tensor (any strides, e.g. rows of a larger matrix)
+                to write the products into instead of a new tensor.
 
         Returns:
-            ``[m, N_targets]``.
+            ``[m, N_targets]`` (``out`` when given).
         """
-        support = support or self.space.names
-        targets = targets or self.space.names
+        support = tuple(support or self.space.names)
+        targets = tuple(targets or self.space.names)
+        m = rows.shape[0]
+        if out is None:
+            out = torch.empty(m, self.space.subspace(targets).numel, dtype=self._dtype, device=self._device)
         if self.choice.vector is None:
             self._choose_vector_method(rows[:1], support, targets)
-        if self.choice.matrix is None and rows.shape[0] > 1:
+        if self.choice.matrix is None and m > 1:
             self._choose_matrix_method(rows[:_SELECTION_COLUMNS], support, targets)
-        method = self.choice.matrix if rows.shape[0] > 1 else self.choice.vector
-        self.num_matvecs += rows.shape[0]
-        if rows.shape[0] == 1 or method.endswith(_LOOP):
-            vector_method = method.removesuffix(_LOOP)
-            return torch.cat(
-                [self._products(r.unsqueeze(0), vector_method, False, support, targets) for r in rows]
-            )
+        method = self._block_methods.get((support, targets), self.choice.matrix) if m > 1 else None
+        self.num_matvecs += m
+        if m == 1 or method.endswith(_LOOP):
+            vector_method = (method or self.choice.vector).removesuffix(_LOOP)
+            for j in range(m):
+                self._products(rows[j : j + 1], vector_method, False, support, targets, out=out[j : j + 1])
+            return out
         try:
-            return self._products(rows, method, True, support, targets)
+            return self._products(rows, method, True, support, targets, out=out)
         except Exception as error:  # noqa: BLE001 - vmap lacks batching rules for some layers
             warnings.warn(
                 f"Batched {method} products failed ({type(error).__name__}: {error}); falling back "
@@ -393,9 +536,12 @@ class HessianOperator:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            self.choice.matrix = self.choice.vector + _LOOP
-            self.num_matvecs -= rows.shape[0]
-            return self.block_products(rows, support, targets)
+            if (support, targets) in self._block_methods:
+                self._block_methods[(support, targets)] = self.choice.vector + _LOOP
+            else:
+                self.choice.matrix = self.choice.vector + _LOOP
+            self.num_matvecs -= m
+            return self.block_products(rows, support, targets, out=out)
 
     def to_dense(self) -> Tensor:
         """The exact dense Hessian ``[N, N]`` (see :func:`lightning_hessian.hessian`)."""
@@ -425,22 +571,42 @@ class HessianOperator:
         batched: bool,
         support: tuple[str, ...] | None = None,
         targets: tuple[str, ...] | None = None,
+        out: Tensor | None = None,
     ) -> Tensor:
-        """Local weighted sum over batches of ``H_b @ rows[j]`` for each row ``j``."""
+        """Local weighted sum over batches of ``H_b @ rows[j]`` for each row ``j``.
+
+        Each parameter's product is written straight into its columns of ``out`` (no
+        concatenation, no zero-filled accumulator): ``out`` may be rows of the dense matrix.
+        """
         support = support or self.space.names
         targets = targets or self.space.names
         tangents = self.space.subspace(support).unflatten(rows)
         target_space = self.space.subspace(targets)
-        out = torch.zeros(rows.shape[0], target_space.numel, dtype=self._dtype, device=self._device)
+        m = rows.shape[0]
+        if out is None:
+            out = torch.empty(m, target_space.numel, dtype=self._dtype, device=self._device)
+        columns = [out[:, piece] for piece in target_space.slices().values()]
+        product = self._reverse_product if method == REVERSE else self._forward_product
         for i in range(self.num_batches):
-            product = self._reverse_product if method == REVERSE else self._forward_product
-            piece = product(i, tangents, batched, target_space.names)
-            out.add_(piece, alpha=self.closure.weight(i, self.num_samples))
+            weight = self.closure.weight(i, self.num_samples)
+            pieces = product(i, tangents, batched, target_space.names)
+            for destination, piece in zip(columns, pieces, strict=True):
+                if piece is None:  # the target does not depend on the support
+                    if i == 0:
+                        destination.zero_()
+                    continue
+                piece = piece.detach().reshape(m, -1)
+                if i > 0:
+                    destination.add_(piece, alpha=weight)
+                elif weight == 1.0:
+                    destination.copy_(piece)
+                else:
+                    torch.mul(piece, weight, out=destination)
         return out
 
     def _reverse_product(
         self, index: int, tangents: dict[str, Tensor], batched: bool, targets: tuple[str, ...]
-    ) -> Tensor:
+    ) -> list[Tensor | None]:
         graph = self._graph(index)
         leaf = dict(zip(self.space.names, graph.leaves, strict=True))
         grad = dict(zip(self.space.names, graph.grads, strict=True))
@@ -449,9 +615,8 @@ class HessianOperator:
             for name, t in tangents.items()
             if grad[name] is not None and grad[name].requires_grad
         ]
-        m = next(iter(tangents.values())).shape[0]
         if not pairs:
-            return torch.zeros(m, self.space.subspace(targets).numel, dtype=self._dtype, device=self._device)
+            return [None] * len(targets)
         with differentiable_context(self._device):
             hv = torch.autograd.grad(
                 [g for g, _ in pairs],
@@ -459,14 +624,13 @@ class HessianOperator:
                 grad_outputs=[t for _, t in pairs],
                 retain_graph=self._cache_graphs,
                 allow_unused=True,
-                materialize_grads=True,
                 is_grads_batched=batched,
             )
-        return torch.cat([h.reshape(m, -1) for h in hv], dim=1).detach()
+        return list(hv)
 
     def _forward_product(
         self, index: int, tangents: dict[str, Tensor], batched: bool, targets: tuple[str, ...]
-    ) -> Tensor:
+    ) -> list[Tensor]:
         closure = self.closure
         support = tuple(tangents)
         with closure.context():
@@ -488,24 +652,45 @@ class HessianOperator:
             if batched:
                 result = torch.func.vmap(hvp, randomness="same")(tangents)
             else:
-                single = hvp({k: t[0] for k, t in tangents.items()})
-                result = {k: v.unsqueeze(0) for k, v in single.items()}
-        return self.space.subspace(targets).flatten(result).detach()
+                result = hvp({k: t[0] for k, t in tangents.items()})
+        return [result[n] for n in targets]
 
     # ----------------------------------------------------------------------------- auto choice
     def _time_candidates(
-        self, rows: Tensor, candidates: list[str], run: Callable[[str], Tensor]
+        self,
+        rows: Tensor,
+        candidates: list[str],
+        run: Callable[[str], Tensor],
+        rounds: int = 1,
+        warm_up: Callable[[str], Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        results, seconds = {}, {}
-        for name in candidates:
+        """Run each candidate once to warm up, then ``rounds`` timed times, interleaved.
+
+        The fastest of a candidate's timed runs counts: on a shared machine a single run can be
+        slowed down many times over by other processes, and interleaving spreads that noise
+        over all candidates instead of one. ``warm_up`` (default ``run``) is the untimed first run.
+        """
+        results: dict[str, Tensor] = {}
+        seconds: dict[str, float] = {}
+
+        def attempt(name: str, call: Callable[[str], Tensor] = run) -> bool:
             try:
-                run(name)  # warm-up (builds cached graphs, compiles vmap rules)
                 start = time.perf_counter()
-                results[name] = run(name)
-                seconds[name] = (time.perf_counter() - start) / rows.shape[0]
+                results[name] = call(name)
+                elapsed = (time.perf_counter() - start) / rows.shape[0]
             except Exception as error:  # noqa: BLE001 - any failure disqualifies the method
                 self.choice.failures[name] = f"{type(error).__name__}: {error}"
-                continue
+                results.pop(name, None)
+                seconds.pop(name, None)
+                return False
+            seconds[name] = min(seconds.get(name, math.inf), elapsed)
+            return True
+
+        alive = [name for name in candidates if attempt(name, warm_up or run)]  # graphs, vmap rules
+        seconds.clear()
+        for _ in range(rounds):
+            alive = [name for name in alive if attempt(name)]
+        for name in alive:
             if not torch.isfinite(results[name]).all():
                 self.choice.failures[name] = "non-finite products"
                 results.pop(name)
@@ -569,29 +754,96 @@ class HessianOperator:
             total += self.closure.weight(i, self.num_samples) * torch.cat([g.reshape(-1) for g in grads])
         return total
 
+    def _problem_key(self) -> tuple[Any, ...]:
+        model, closure = self.closure.model, self.closure
+        return (
+            id(model),
+            type(model).__qualname__,
+            id(closure.loss_fn),
+            closure.mode,
+            str(self._dtype),
+            str(self._device),
+            tuple(
+                (name, tuple(shape)) for name, shape in zip(self.space.names, self.space.shapes, strict=True)
+            ),
+            _tensor_signature(closure.batches[0]),
+            len(closure.batches),
+        )
+
+    def _remember_choice(self) -> None:
+        if self.requested_method != "auto":
+            return
+        if len(_METHOD_MEMORY) >= _METHOD_MEMORY_SIZE:
+            _METHOD_MEMORY.pop(next(iter(_METHOD_MEMORY)))
+        _METHOD_MEMORY[self._problem_key()] = MethodChoice(
+            self.choice.vector, self.choice.matrix, dict(self.choice.seconds), dict(self.choice.failures)
+        )
+
     def _choose_vector_method(
         self, rows: Tensor, support: tuple[str, ...] | None = None, targets: tuple[str, ...] | None = None
     ) -> None:
         support, targets = support or self.space.names, targets or self.space.names
         results, seconds = self._time_candidates(
-            rows, [REVERSE, FORWARD], lambda name: self._products(rows, name, False, support, targets)
+            rows,
+            [REVERSE, FORWARD],
+            lambda name: self._products(rows, name, False, support, targets),
+            rounds=_VECTOR_ROUNDS,
         )
         self.choice.seconds.update(seconds)
         self.choice.vector = self._pick(
             results, seconds, lambda: self._finite_difference(rows, support, targets)
         )
+        self._remember_choice()
 
     def _choose_matrix_method(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> None:
         """Time the batched forms against a loop of the chosen vector method on ``rows``."""
-        candidates = [m for m in (REVERSE, FORWARD) if m not in self.choice.failures]
-        results, seconds = self._time_candidates(
-            rows, candidates, lambda name: self._products(rows, name, True, support, targets)
-        )
+        self.choice.matrix, seconds = self._select_batched(rows, support, targets, vector_seconds=None)
         self.choice.seconds.update({f"{k} (batched)": v for k, v in seconds.items()})
-        vector_seconds = self.choice.seconds.get(self.choice.vector, math.inf)
+        self._remember_choice()
+
+    def _choose_block_method(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> None:
+        """Choose the batched method for one ``(support, targets)`` pair of the dense path.
+
+        Parameter blocks differ a lot: for a wide last layer whose products stop at the logits,
+        reverse-over-reverse can be several times faster per column than forward-over-reverse
+        while the opposite holds for the convolutions in front of it. Only with ``hvp="auto"``
+        and after the operator-wide choice; ``rows`` are the block's first columns.
+        """
+        key = (tuple(support), tuple(targets))
+        if self.requested_method != "auto" or key in self._block_methods or rows.shape[0] < 2:
+            return
+        if self.choice.vector is None or self.choice.matrix is None:
+            return  # the first products make the operator-wide choice on this very block
+        loop = self.choice.vector
+        _, single = self._time_candidates(
+            rows[:1], [loop], lambda name: self._products(rows[:1], name, False, *key), rounds=_MATRIX_ROUNDS
+        )
+        # Timed on the whole chunk: per-column costs at a few columns are mostly fixed overheads.
+        method, seconds = self._select_batched(rows, *key, vector_seconds=single.get(loop, math.inf))
+        self._block_methods[key] = method
+        self._block_seconds[key] = {**seconds, loop + _LOOP: single.get(loop, math.inf)}
+
+    def _select_batched(
+        self,
+        rows: Tensor,
+        support: tuple[str, ...],
+        targets: tuple[str, ...],
+        vector_seconds: float | None,
+    ) -> tuple[str, dict[str, float]]:
+        """The fastest working batched method on ``rows``, or a loop of the vector method."""
+        candidates = [m for m in (REVERSE, FORWARD) if m not in self.choice.failures]
+        few = rows[:_WARM_UP_COLUMNS]
+        results, seconds = self._time_candidates(
+            rows,
+            candidates,
+            lambda name: self._products(rows, name, True, support, targets),
+            rounds=_MATRIX_ROUNDS,
+            warm_up=lambda name: self._products(few, name, True, support, targets),
+        )
+        if vector_seconds is None:
+            vector_seconds = self.choice.seconds.get(self.choice.vector, math.inf)
         if results:
             best = self._pick(results, seconds, lambda: self._finite_difference(rows, support, targets))
             if seconds[best] <= vector_seconds:
-                self.choice.matrix = best
-                return
-        self.choice.matrix = self.choice.vector + _LOOP
+                return best, seconds
+        return self.choice.vector + _LOOP, seconds

@@ -9,3 +9,7 @@ class NonFiniteHessianError(FloatingPointError):
     Under ``torch.distributed`` every rank raises it at the same point, so no rank is left waiting
     in a collective.
     """
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of the process group failed, so this rank stops at the same point."""

@@ -565,3 +565,28 @@ def test_dense_hessian_too_large_is_rejected_before_allocating(monkeypatch):
     with pytest.raises(lh.HessianTooLargeError, match=r"needs 1\d\d\.\d\d GB.*`blocks=`.*`params=`"):
         lh.hessian(model, cross_entropy_loss, data)
     assert time.perf_counter() - start < 10
+
+
+def test_non_finite_products_raise_a_clear_error():
+    model, data = _tiny()
+    x, y = data[0]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    op = lh.HessianOperator(model, cross_entropy_loss, [(x, y)], hvp=REVERSE)
+    with pytest.raises(lh.NonFiniteHessianError, match="not finite"):
+        op @ torch.ones(op.shape[0])
+    with pytest.raises(lh.NonFiniteHessianError):
+        lh.analyze(model, cross_entropy_loss, [(x, y)])
+
+
+def test_auto_remembers_its_choice_for_the_same_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    data = [(torch.randn(5, 3), torch.randint(0, 2, (5,)))]
+    first = lh.HessianOperator(model, cross_entropy_loss, data)
+    first @ torch.ones(first.shape[0], 2)
+    again = lh.HessianOperator(model, cross_entropy_loss, data)
+    assert (again.choice.vector, again.choice.matrix) == (first.choice.vector, first.choice.matrix)
+    other_data = [(torch.randn(7, 3), torch.randint(0, 2, (7,)))]
+    other_batch = lh.HessianOperator(model, cross_entropy_loss, other_data)
+    assert other_batch.choice.vector is None  # different shapes: measured afresh

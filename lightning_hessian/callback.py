@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -33,6 +34,7 @@ from .batch_cache import (
     validation_loader,
 )
 from .closure import validate_mode
+from .errors import RankFailedError
 from .reporting import DEFAULT_PREFIX, ReportLogger, save_report
 from .results import HessianReport
 from .schedule import Schedule
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 ON_ERROR = ("warn", "raise")
+# Strategies that shard parameters across ranks: each rank holds a slice, so the operator's
+# "same parameters on every rank, products summed over ranks" model does not apply. By class name,
+# so that no optional dependency (deepspeed) is imported.
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 METHODS = ("auto", "dense", "iterative")
 # analyze() arguments the callback sets itself; everything else may go through `analyze_kwargs`.
 _OWN_ANALYZE_ARGS = frozenset(
@@ -147,6 +153,25 @@ def _check_finite(report: HessianReport) -> None:
             f"non-finite curvature ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); the loss "
             f"at the evaluated batches is {report.loss}"
         )
+
+
+def _sharded_strategy(strategy: Any) -> str | None:
+    """The name of the parameter-sharding strategy class ``strategy`` is (or derives from), else None."""
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    return next((name for name in SHARDED_STRATEGIES if name in names), None)
+
+
+def _process_group(trainer: pl.Trainer) -> Any:
+    """The process group the Hessian products are summed over: the strategy's, else WORLD, else None.
+
+    A data-parallel strategy (``ddp``, ``ddp_spawn``, multi-node) keeps a full copy of the parameters
+    on every rank, so summing every rank's products (weighted by sample counts) gives the Hessian of
+    the loss over the union of all ranks' batches.
+    """
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = getattr(trainer.strategy, "process_group", None)
+    return dist.group.WORLD if group is None else group
 
 
 def _name_of(value: Any) -> str:
@@ -383,13 +408,24 @@ class HessianCallback(Callback):
 
     # ------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Reject a manual-optimization module without ``loss_fn``; resolve the report folder.
+        """Reject sharded strategies and a manual-optimization module without ``loss_fn``; resolve
+        the report folder.
 
         Raises:
-            MisconfigurationException: For manual optimization without ``loss_fn``.
+            MisconfigurationException: For a strategy that shards parameters (FSDP, DeepSpeed,
+                ModelParallel), or manual optimization without ``loss_fn``.
         """
         if stage != "fit":
             return
+        sharded = _sharded_strategy(trainer.strategy)
+        if sharded is not None:
+            raise MisconfigurationException(
+                f"HessianCallback does not support {sharded}: it shards the parameters across ranks, "
+                "while the Hessian operator needs every parameter on every rank (it sums each rank's "
+                "Hessian-vector products over the ranks' batches). Use a data-parallel strategy "
+                "(strategy='ddp' or 'ddp_spawn'), or compute the Hessian of a parameter subset "
+                "outside training on a single process with lightning_hessian.analyze."
+            )
         if self.loss_fn is None and not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 f"HessianCallback: {type(pl_module).__name__} uses manual optimization, so its "
@@ -487,54 +523,133 @@ class HessianCallback(Callback):
             bar.close()
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        """Run one evaluation on every rank; the ranks agree on its outcome before anything is logged.
+
+        Under a data-parallel strategy every rank analyzes its own batches and the operator sums the
+        products over ranks, so each phase ends with a tiny all-reduce of a failure flag: a failure
+        on one rank (NaN, out of memory, no batch) makes every rank skip (``on_error="warn"``) or
+        raise (``on_error="raise"``) at the same point, and no rank is left waiting in a collective.
+        """
         step = trainer.global_step
         epoch = trainer.current_epoch if self._epoch is None else self._epoch
+        module = trainer.lightning_module or pl_module  # never the DDP wrapper
         self._last_step = step
         entry: dict[str, Any] = {"epoch": epoch, "step": step, "reason": reason}
         start = time.perf_counter()
+        report: HessianReport | None = None
+        metrics: dict[str, float] = {}
+        error: BaseException | None = None
         try:
-            batches = self._evaluation_batches(trainer, pl_module)
+            batches = self._evaluation_batches(trainer, module)
             entry["num_batches"] = len(batches)
-            with torch.inference_mode(False), torch.enable_grad(), self._progress(trainer, epoch) as progress:
-                report = analysis.analyze(
-                    pl_module,
-                    self.loss_fn,
-                    batches,
-                    params=self.params,
-                    blocks=self.blocks,
-                    top_k=self.top_k,
-                    min_eigenvalue=self.min_eigenvalue,
-                    trace=self.trace,
-                    density=self.density,
-                    method=self.method,
-                    dense_limit=self.dense_limit,
-                    mode=self.mode,
-                    dtype=self.dtype,
-                    seed=self.seed,
-                    progress=progress,
-                    **self.analyze_kwargs,
-                )
-            _check_finite(report)
-            metrics = self.reporter.log(trainer, report, step)
-            if self._report_dir is not None:
-                save_report(report, self._report_dir / f"epoch={epoch}-step={step}.pt")
-        except Exception as error:
-            if self.on_error == "raise":
-                raise
-            if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            entry.update(ok=False, error=f"{type(error).__name__}: {error}")
-            self.history.append(entry)
-            rank_zero_warn(
-                f"HessianCallback: the Hessian evaluation at epoch {epoch}, step {step} failed "
-                f"({type(error).__name__}: {error}); it is skipped and training continues. Pass "
-                "on_error='raise' to stop training on such errors.",
-                category=UserWarning,
-            )
+        except Exception as caught:  # noqa: BLE001 - agreed with the other ranks below
+            error = caught
+        error, message = self._agree(trainer, error)
+        if error is None:
+            try:
+                report = self._analyze(trainer, module, batches, epoch)
+            except Exception as caught:  # noqa: BLE001
+                error = caught
+            error, message = self._agree(trainer, error, report)
+        if error is None:
+            try:
+                metrics = self.reporter.log(trainer, report, step)
+                if self._report_dir is not None:
+                    save_report(report, self._report_dir / f"epoch={epoch}-step={step}.pt")
+            except Exception as caught:  # noqa: BLE001
+                error = caught
+            error, message = self._agree(trainer, error)
+        if error is not None:
+            self._skip(entry, error, message)
             return
         entry.update(ok=True, wall_seconds=time.perf_counter() - start, **metrics)
         self.history.append(entry)
         self.last_report = report
+
+    def _analyze(
+        self, trainer: pl.Trainer, module: pl.LightningModule, batches: list[Any], epoch: int
+    ) -> HessianReport:
+        with torch.inference_mode(False), torch.enable_grad(), self._progress(trainer, epoch) as progress:
+            report = analysis.analyze(
+                module,
+                self.loss_fn,
+                batches,
+                params=self.params,
+                blocks=self.blocks,
+                top_k=self.top_k,
+                min_eigenvalue=self.min_eigenvalue,
+                trace=self.trace,
+                density=self.density,
+                method=self.method,
+                dense_limit=self.dense_limit,
+                mode=self.mode,
+                dtype=self.dtype,
+                seed=self.seed,
+                process_group=_process_group(trainer),
+                progress=progress,
+                **self.analyze_kwargs,
+            )
+        _check_finite(report)
+        return report
+
+    def _agree(
+        self, trainer: pl.Trainer, error: BaseException | None, report: HessianReport | None = None
+    ) -> tuple[BaseException | None, str]:
+        """Agree across ranks on whether a phase failed anywhere (one tiny all-reduce on every rank).
+
+        Args:
+            trainer: The running trainer (its strategy reduces the flag).
+            error: This rank's error in the phase, or ``None``.
+            report: This rank's report, if any: its ``seconds`` become the mean over ranks, so that
+                every logged value (and ``callback_metrics``) is identical on all ranks.
+
+        Returns:
+            ``(error, message)``: this rank's error, a :class:`RankFailedError` when only other ranks
+            failed, or ``None``; and the failures of every rank as one line, identical on all ranks.
+        """
+        local = "" if error is None else f"{type(error).__name__}: {error}"
+        if trainer.world_size <= 1:
+            return error, local
+        seconds = 0.0 if report is None else float(report.seconds)
+        flags = torch.tensor(
+            [0.0 if error is None else 1.0, seconds], dtype=torch.float32, device=trainer.strategy.root_device
+        )
+        flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        failed = int(flags[0].item())
+        if failed == 0:
+            if report is not None:
+                report.seconds = float(flags[1]) / trainer.world_size
+            return None, ""
+        messages: list[str] = [local] * trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            messages = [""] * dist.get_world_size()
+            dist.all_gather_object(messages, local)
+        ranks_by_text: dict[str, list[str]] = {}
+        for rank, text in enumerate(messages):
+            if text:
+                ranks_by_text.setdefault(text, []).append(str(rank))
+        message = "; ".join(
+            f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}: {text}"
+            for text, ranks in ranks_by_text.items()
+        )
+        if error is None:
+            error = RankFailedError(f"the Hessian evaluation failed on {failed} other rank(s) ({message})")
+        return error, message
+
+    def _skip(self, entry: dict[str, Any], error: BaseException, message: str) -> None:
+        """Record a failed evaluation and warn (``on_error="warn"``), or raise it (``"raise"``)."""
+        if self.on_error == "raise":
+            raise error
+        if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        entry.update(ok=False, error=message or f"{type(error).__name__}: {error}")
+        self.history.append(entry)
+        rank_zero_warn(
+            f"HessianCallback: the Hessian evaluation at epoch {entry['epoch']}, step {entry['step']} "
+            f"failed ({entry['error']}); it is skipped and training continues. Pass on_error='raise' "
+            "to stop training on such errors.",
+            category=UserWarning,
+        )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .closure import BatchSizeFn, LossFn, validate_mode
-from .dense import check_dense_fits, dense_from_operator
+from .dense import agreed_dense_check, dense_from_operator
 from .density import spectral_density
 from .errors import NonFiniteHessianError
 from .lanczos import eigenvalues
@@ -266,7 +266,7 @@ def analyze(
         name for name, n in sizes.items() if method == "dense" or (method == "auto" and n <= dense_limit)
     }
     if method == "dense":
-        check_dense_fits(sizes.values(), op.dtype, op.device)
+        agreed_dense_check(op, sizes.values())
     iterative = [name for name in groups if name not in dense]
     shared_trace = trace and len(iterative) > 1 and trace_method != "exact"
     planned = _planned_products(

@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .closure import BatchSizeFn, LossFn
@@ -74,6 +75,42 @@ def _copy_transposed_(destination: Tensor, source: Tensor, tile: int = _TRANSPOS
             destination[i : i + tile, j : j + tile] = source[j : j + tile, i : i + tile].T
 
 
+def agreed_dense_check(op: HessianOperator, sizes: Iterable[int], chunk: int = 0) -> int:
+    """:func:`check_dense_fits` on every rank, agreed: all ranks raise if any lacks the memory.
+
+    Under a process group the chunk width is agreed too (the smallest of the ranks'), so every
+    rank all-reduces chunks of the same shape.
+
+    Args:
+        op: The operator whose process group decides.
+        sizes: Side length of each dense block.
+        chunk: This rank's chunk width.
+
+    Returns:
+        The chunk width every rank uses.
+
+    Raises:
+        HessianTooLargeError: On every rank, if any rank lacks the memory.
+    """
+    failure: HessianTooLargeError | None = None
+    try:
+        check_dense_fits(sizes, op.dtype, op.device, chunk)
+    except HessianTooLargeError as error:
+        failure = error
+    if op.process_group is not None:
+        flags = torch.tensor([failure is not None, -chunk], dtype=torch.float64, device=op._reduce_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=op.process_group)
+        if failure is None and flags[0] > 0:
+            raise HessianTooLargeError(
+                "Another rank does not have the memory for the dense Hessian; use `blocks=`, `params=` "
+                "or the matrix-free estimators."
+            )
+        chunk = int(-flags[1])
+    if failure is not None:
+        raise failure
+    return chunk
+
+
 def dense_from_operator(op: HessianOperator, chunk_size: int | None = None) -> Tensor:
     """Materialize an operator as a dense symmetric matrix.
 
@@ -95,8 +132,7 @@ def dense_from_operator(op: HessianOperator, chunk_size: int | None = None) -> T
         HessianTooLargeError: If it does not fit in free memory (checked before allocating).
     """
     n = op.shape[0]
-    chunk = min(n, chunk_size or op._chunk_size())
-    check_dense_fits([n], op.dtype, op.device, chunk)
+    chunk = agreed_dense_check(op, [n], min(n, chunk_size or op._chunk_size()))
     matrix = torch.empty(n, n, dtype=op.dtype, device=op.device)
     names, slices = op.space.names, op.space.slices()
     for k, name in enumerate(names):
@@ -191,7 +227,7 @@ def hessian(
     if blocks is None or blocks == "model":
         return dense_from_operator(full, chunk_size)
     sizes = {name: full.space.subspace(names).numel for name, names in groups.items()}
-    check_dense_fits(sizes.values(), full.dtype, full.device)
+    agreed_dense_check(full, sizes.values())
     result = {}
     for name, names in groups.items():
         block = full.restrict(names)

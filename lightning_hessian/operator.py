@@ -389,7 +389,7 @@ class HessianOperator:
                 total += float(value) * self.closure.batch_sizes[i]
             return total
 
-        return float(self.agreed_all_reduce(local, (1,), torch.float64)) / self.num_samples
+        return float(self.agreed_all_reduce(local, (1,), torch.float64, what="The loss")) / self.num_samples
 
     # ----------------------------------------------------------------------------- products
     def __matmul__(self, other: Tensor) -> Tensor:
@@ -450,6 +450,7 @@ class HessianOperator:
         local: Callable[[], Tensor],
         shape: tuple[int, ...] | torch.Size,
         dtype: torch.dtype | None = None,
+        what: str = "A Hessian-vector product",
     ) -> Tensor:
         """Run a local product computation and sum it over ranks; all ranks fail together.
 
@@ -461,6 +462,7 @@ class HessianOperator:
             local: Computes this rank's (weighted) contribution.
             shape: Its shape.
             dtype: Its dtype (default the operator's).
+            what: What is computed, for the error message.
 
         Returns:
             The sum over ranks (the local result without a process group).
@@ -480,7 +482,7 @@ class HessianOperator:
         if not bool(torch.isfinite(result).all()):
             where = "this rank" if error is not None else "the loss or another rank"
             raise NonFiniteHessianError(
-                f"A Hessian-vector product is not finite (failure on {where}"
+                f"{what} is not finite (failure on {where}"
                 f"{f': {type(error).__name__}: {error}' if error is not None else ''}). Check the loss "
                 "for NaN/inf at these parameters and batches."
             ) from error

@@ -31,6 +31,11 @@ def _scenario(rank: int, where: str) -> str:
             def loss_fn(module, batch):
                 raise MemoryError("simulated out of memory on rank 1")
 
+        if where == "memory":  # rank 1 has no memory for the dense matrix; rank 0 has plenty
+            import lightning_hessian.dense as dense
+
+            dense.available_memory = (lambda device: 0) if rank == 1 else (lambda device: 1 << 40)
+            lh.hessian(model, loss_fn, [(x, y)])
         op = lh.HessianOperator(model, loss_fn, [(x, y)])
         lh.eigenvalues(op, k=2)
     except Exception as error:  # noqa: BLE001 - the outcome is what the test checks
@@ -42,7 +47,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        outcomes = {where: _scenario(rank, where) for where in ("nan", "setup", "none")}
+        outcomes = {where: _scenario(rank, where) for where in ("nan", "setup", "memory", "none")}
         torch.save(outcomes, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -55,4 +60,5 @@ def test_a_failure_on_one_rank_stops_both_ranks_at_the_same_point():
         outcomes = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     assert [o["nan"] for o in outcomes] == ["NonFiniteHessianError", "NonFiniteHessianError"]
     assert [o["setup"] for o in outcomes] == ["RankFailedError", "MemoryError"]
+    assert [o["memory"] for o in outcomes] == ["HessianTooLargeError", "HessianTooLargeError"]
     assert [o["none"] for o in outcomes] == ["finished", "finished"]

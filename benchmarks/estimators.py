@@ -530,7 +530,8 @@ def cnn_benchmark(threads_note: str) -> list[list[str]]:
 
     lh_vec, lh_mat = per_product(lambda: suite.lh @ v, lambda: suite.lh @ block)
     lh_top = top1_sweep(lambda t: top1(t, 0), TOLS)
-    _, used, secs = suite.run(lambda: trace(suite.lh, "hutch++", 99, seed=0))
+    result, _, secs = suite.run(lambda: trace(suite.lh, "hutch++", 99, seed=0))
+    used = result.num_matvecs
     rows.append(["lh", lh_vec, lh_mat, lh_top, f"{used} / {secs:.1f}s (hutch++)"])
     print("  cnn", rows[-1], flush=True)
     if suite.curvlinops is not None:

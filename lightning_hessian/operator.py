@@ -543,7 +543,7 @@ class HessianOperator:
         ``rows[j]`` is a vector over the ``support`` parameters (zero elsewhere); the result holds
         the entries of ``H @ rows[j]`` for the ``targets`` parameters only. Restricting both lets
         autograd skip the layers that neither set touches, which the dense path uses to compute
-        only the lower triangle of the matrix.
+        only one triangle of the matrix.
 
         Args:
             rows: ``[m, N_support]``.

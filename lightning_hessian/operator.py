@@ -216,29 +216,8 @@ class HessianOperator:
             process_group=_resolve_process_group(process_group),
         )
 
+    @torch.inference_mode(False)  # callers may hold inference mode; products need autograd
     def _setup(
-        self,
-        closure: LossClosure,
-        params: dict[str, Tensor],
-        *,
-        dtype: torch.dtype,
-        hvp: str,
-        cache_graphs: bool | str,
-        chunk_size: int | None,
-        process_group: Any,
-    ) -> None:
-        with torch.inference_mode(False):  # callers may hold inference mode; products need autograd
-            self._setup_in_autograd_mode(
-                closure,
-                params,
-                dtype=dtype,
-                hvp=hvp,
-                cache_graphs=cache_graphs,
-                chunk_size=chunk_size,
-                process_group=process_group,
-            )
-
-    def _setup_in_autograd_mode(
         self,
         closure: LossClosure,
         params: dict[str, Tensor],

@@ -68,7 +68,7 @@ def _validate(
     check_int("dense_limit", dense_limit, 0, "Blocks up to this size are computed densely.")
     check_int("trace_matvecs", trace_matvecs, 1, "It is the number of products the trace may use.")
     check_int("density_probes", density_probes, 1, "Use at least one random probe.")
-    check_int("density_steps", density_steps, 1, "Use at least one Lanczos step per probe.")
+    check_int("density_steps", density_steps, 1, "Use at least one Lanczos step.")
     if method not in ANALYSIS_METHODS:
         raise ValueError(f"`method={method!r}` must be one of {ANALYSIS_METHODS}.")
     if trace_method not in TRACE_METHODS:
@@ -226,7 +226,7 @@ def analyze(
         trace_method: ``"hutch++"``, ``"xtrace"``, ``"hutchinson"`` or ``"exact"``.
         trace_matvecs: Products per stochastic trace.
         density_probes: Random probes of the density.
-        density_steps: Lanczos steps per density probe.
+        density_steps: Block Lanczos steps of the density (``density_probes`` products each).
         eigenvectors: Also return the top eigenvectors (iterative blocks).
         hvp: Hessian-vector product method (see :class:`HessianOperator`).
         process_group: See :class:`HessianOperator`.

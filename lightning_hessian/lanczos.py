@@ -72,7 +72,7 @@ class _Ritz:
     residuals: Tensor
 
 
-class _Krylov:
+class KrylovBasis:
     """Orthonormal basis ``Q``, projection ``H`` and pending directions with ``A Q = Q H + P C``.
 
     Args:
@@ -129,15 +129,29 @@ class _Krylov:
         if self.m + len(self.pending) >= self.n:
             return False
         z = torch.randn(self.n, 1, generator=self.generator, dtype=self.dtype, device=self.device)
-        norm0 = float(z.norm())
-        z, _, _ = self._project_out(z)
-        norm = float(z.norm())
-        if not norm > 10 * self.eps * math.sqrt(self.m + len(self.pending) + 1) * norm0:
-            return False
-        coupling = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
-        self.pending.append(_Pending(z[:, 0] / norm, coupling, self.num_chains))
-        self.num_chains += 1
-        return True
+        return self.start(z) == 1
+
+    def start(self, vectors: Tensor) -> int:
+        """Append the columns of ``vectors`` ``[N, b]`` as new chains, orthonormalized against everything.
+
+        Returns:
+            How many columns were kept (a column already in the span is dropped).
+        """
+        kept = 0
+        for j in range(vectors.shape[1]):
+            if self.m + len(self.pending) >= self.n:
+                break
+            z = vectors[:, j : j + 1].to(self.dtype)
+            norm0 = float(z.norm())
+            z, _, _ = self._project_out(z)
+            norm = float(z.norm())
+            if not norm > 10 * self.eps * math.sqrt(self.m + len(self.pending) + 1) * norm0:
+                continue
+            coupling = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
+            self.pending.append(_Pending(z[:, 0] / norm, coupling, self.num_chains))
+            self.num_chains += 1
+            kept += 1
+        return kept
 
     # -- one (block) Lanczos step -----------------------------------------------------------------
     def step(self, indices: list[int]) -> None:
@@ -323,7 +337,7 @@ class _Search:
 
     def __init__(
         self,
-        krylov: _Krylov,
+        krylov: KrylovBasis,
         k: int,
         sign: float,
         tol: float,
@@ -507,7 +521,7 @@ def eigenvalues(
     dtype = op.dtype if op.dtype.is_floating_point else torch.float32
     capacity = basis_cap or _default_capacity(n, k, block, budget, dtype)
     capacity = min(n, capacity)
-    krylov = _Krylov(op, n, capacity, make_generator(op.device, seed))
+    krylov = KrylovBasis(op, n, capacity, make_generator(op.device, seed))
     for _ in range(block):
         krylov.inject()
     search = _Search(krylov, k, sign, tol, budget, block, check_multiplicity and k > block)

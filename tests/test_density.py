@@ -25,7 +25,12 @@ def probes_of(n: int, num_probes: int, seed: int) -> torch.Tensor:
     return rademacher(n, num_probes, make_generator("cpu", seed), torch.float64, torch.device("cpu"))
 
 
-def test_mass_one_and_each_probe_mean_is_its_rayleigh_quotient(indefinite: torch.Tensor) -> None:
+def orthonormal_probes(n: int, num_probes: int, seed: int) -> torch.Tensor:
+    """The orthonormalized probe block ``S`` of spectral_density (up to column signs)."""
+    return torch.linalg.qr(probes_of(n, num_probes, seed)).Q
+
+
+def test_mass_one_and_mean_is_the_probe_blocks_rayleigh_quotient(indefinite: torch.Tensor) -> None:
     op = MatrixOperator(indefinite)
     result = spectral_density(op, num_probes=4, num_steps=12, seed=3)
     assert result.weights.sum().item() == pytest.approx(1.0, abs=1e-12)
@@ -33,10 +38,27 @@ def test_mass_one_and_each_probe_mean_is_its_rayleigh_quotient(indefinite: torch
     assert result.nodes.shape == result.weights.shape == (48,)
     assert result.num_matvecs == 48 == op.num_matvecs
     assert result.num_probes == 4 and not result.exact
-    # sum_j w_j theta_j over one probe's quadrature is e1^T T e1 = z^T A z / z^T z; averaged over probes:
-    z = probes_of(100, 4, seed=3)
-    rayleigh = ((z * (indefinite @ z)).sum(0) / (z * z).sum(0)).mean()
-    assert result.mean == pytest.approx(float(rayleigh), rel=1e-10)
+    # sum_i w_i theta_i = tr(S^T A S) / p for the orthonormalized probe block S.
+    block = orthonormal_probes(100, 4, seed=3)
+    assert result.mean == pytest.approx(float(torch.trace(block.T @ indefinite @ block)) / 4, rel=1e-10)
+
+
+@pytest.mark.parametrize("num_steps", [1, 3, 5])
+def test_block_quadrature_is_exact_for_polynomials_below_twice_the_steps(
+    indefinite: torch.Tensor, num_steps: int
+) -> None:
+    result = spectral_density(MatrixOperator(indefinite), num_probes=3, num_steps=num_steps, seed=4)
+    block = orthonormal_probes(100, 3, seed=4)
+    scaled = indefinite / 6.0  # keeps the moments of order up to 9 near 1
+    for degree in range(2 * num_steps):
+        exact = torch.trace(block.T @ torch.linalg.matrix_power(scaled, degree) @ block) / 3
+        quadrature = (result.weights * (result.nodes / 6.0).pow(degree)).sum()
+        assert float(quadrature) == pytest.approx(float(exact), rel=1e-9, abs=1e-12), degree
+    if num_steps > 1:  # beyond 2 * steps - 1 the quadrature is no longer exact
+        degree = 2 * num_steps
+        exact = torch.trace(block.T @ torch.linalg.matrix_power(scaled, degree) @ block) / 3
+        quadrature = (result.weights * (result.nodes / 6.0).pow(degree)).sum()
+        assert abs(float(quadrature - exact)) > 1e-9
 
 
 def test_mean_is_trace_over_n_in_expectation(indefinite: torch.Tensor) -> None:
@@ -80,12 +102,37 @@ def test_invariant_krylov_space_stops_early_with_exact_nodes() -> None:
     assert mass == pytest.approx([1 / 3, 1 / 2, 1 / 6], abs=0.15)
 
 
-def test_batched_probes_equal_one_probe_at_a_time(indefinite: torch.Tensor, monkeypatch) -> None:
-    together = spectral_density(MatrixOperator(indefinite), num_probes=4, num_steps=8, seed=5)
+def test_groups_of_one_probe_are_classical_slq(indefinite: torch.Tensor, monkeypatch) -> None:
     monkeypatch.setattr(density_module, "BASIS_BYTES", 1)  # forces groups of one probe
     alone = spectral_density(MatrixOperator(indefinite), num_probes=4, num_steps=8, seed=5)
-    torch.testing.assert_close(together.nodes, alone.nodes)
-    torch.testing.assert_close(together.weights, alone.weights)
+    assert alone.nodes.shape == (32,) and alone.num_matvecs == 32
+    assert alone.weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+    # Each probe's own quadrature has mean z^T A z / z^T z; the density averages the four.
+    z = probes_of(100, 4, seed=5)
+    rayleigh = ((z * (indefinite @ z)).sum(0) / (z * z).sum(0)).mean()
+    assert alone.mean == pytest.approx(float(rayleigh), rel=1e-10)
+
+
+def test_block_quadrature_resolves_the_spectrum_better_than_separate_probes(monkeypatch) -> None:
+    values = torch.cat([torch.tensor([9.0, 7.0, 5.0]), uniform_spectrum(397, -1.0, 1.0)])
+    matrix = with_spectrum(values.double(), seed=6)
+    exact = exact_spectrum(matrix)
+
+    def w1(result) -> float:  # Wasserstein-1 distance of two measures on the line, by CDFs
+        points, _ = torch.sort(torch.cat([exact, result.nodes]))
+        cdf_exact = torch.searchsorted(exact, points, right=True).double() / exact.numel()
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), result.weights.cumsum(0)])
+        cdf_est = cum[torch.searchsorted(result.nodes, points, right=True)]
+        return float(((cdf_exact - cdf_est).abs()[:-1] * points.diff()).sum())
+
+    def errors() -> list[float]:
+        op = MatrixOperator(matrix)
+        return [w1(spectral_density(op, num_probes=8, num_steps=10, seed=s)) for s in range(5)]
+
+    block = errors()
+    monkeypatch.setattr(density_module, "BASIS_BYTES", 1)
+    alone = errors()
+    assert sum(block) < 0.7 * sum(alone), (block, alone)
 
 
 def test_pdf_and_histogram_of_the_estimate(indefinite: torch.Tensor) -> None:

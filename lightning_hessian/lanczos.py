@@ -5,7 +5,11 @@ the projection ``H = Q^T A Q`` (float64; tridiagonal for plain Lanczos, banded o
 vectors enter) together with the pending residual directions ``P`` and their couplings ``C``, so that
 ``A Q = Q H + P C`` holds to rounding at every step. Ritz pairs come from ``torch.linalg.eigh(H)`` in
 float64, and the residual of a Ritz pair ``(theta, Q y)`` is the exact ``||C y||`` (the pending
-directions are orthonormal), so convergence is judged on true residuals, never on the change of a value.
+directions are orthonormal), so convergence is judged on true residuals, never on the change of a value:
+a value is converged when its error bound ``min(r, r^2 / gap)`` (:func:`error_bounds`; the residual
+alone, or Kato-Temple's quadratic bound where the gap to the other Ritz values is resolved) is within
+the tolerance. Eigenvalues converge twice as fast as their residuals, so the quadratic bound stops the
+iteration as soon as the values are accurate instead of when the vectors are.
 
 - Every new vector is orthogonalized twice (classical Gram-Schmidt) against the whole basis, so there
   are no ghost copies of converged values.
@@ -285,9 +289,7 @@ def _validate(
     if which not in WHICH:
         raise ValueError(f"`which` must be 'largest' or 'smallest', got {which!r}.")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or not tol > 0:
-        raise ValueError(
-            f"`tol` must be a positive finite number (relative residual, e.g. 1e-4), got {tol!r}."
-        )
+        raise ValueError(f"`tol` must be a positive finite number (relative error, e.g. 1e-4), got {tol!r}.")
     block = check_int("block_size", block_size, 1, "Use block_size=1 for plain Lanczos.")
     block = min(block, n)
     if max_matvecs is None:
@@ -327,6 +329,30 @@ def _chebyshev_certifies(steps: int, top: float, low: float, bound: float, n: in
     return growth >= math.log(2 * math.sqrt(n) / MISS_PROBABILITY)
 
 
+def error_bounds(ritz: _Ritz) -> Tensor:
+    """Error bounds ``min(r, r^2 / gap)`` of Ritz values (Kato-Temple, gap from the Ritz values).
+
+    A Ritz value ``theta`` with residual ``r`` is within ``r`` of an eigenvalue, and within
+    ``r^2 / gap`` when every other eigenvalue is at least ``gap`` away. The gap is estimated as the
+    distance to the nearest other Ritz value less that value's residual (an interval known to hold an
+    eigenvalue), and the quadratic bound is used only where that estimate is positive.
+
+    Args:
+        ritz: Ritz values and their residuals.
+
+    Returns:
+        ``[m]`` float64 error bounds, never above the residuals.
+    """
+    res = ritz.residuals
+    if res.numel() < 2:
+        return res.clone()
+    dist = (ritz.values[:, None] - ritz.values[None, :]).abs() - res[None, :]
+    dist.fill_diagonal_(math.inf)
+    gap = dist.min(dim=1).values
+    quadratic = torch.where(gap > 0, res.pow(2) / gap.clamp_min(torch.finfo(res.dtype).tiny), math.inf)
+    return torch.minimum(res, quadratic)
+
+
 def _check_interval(m: int) -> int:
     """Steps between convergence checks: every step while the basis is small, then ~2% of it."""
     return max(1, m // 50)
@@ -354,6 +380,7 @@ class _Search:
         self.verify = verify
         self.verify_chain: int | None = None
         self.verify_last = -math.inf
+        self.verified = False
         self.reference = 0.0
         self.done = False
 
@@ -363,8 +390,13 @@ class _Search:
         return order[: self.k]
 
     def threshold(self, ritz: _Ritz) -> float:
-        """Absolute residual tolerance: ``tol * max |Ritz value|``."""
+        """Absolute error tolerance: ``tol * max |Ritz value|``."""
         return self.tol * float(ritz.values.abs().max()) if ritz.values.numel() else 0.0
+
+    def converged(self, ritz: _Ritz, thr: float) -> bool:
+        """Whether the ``k`` wanted values all have error bounds within ``thr``."""
+        wanted = self.wanted(ritz)
+        return wanted.numel() >= self.k and bool((error_bounds(ritz)[wanted] <= thr).all())
 
     def choose(self) -> list[int]:
         """Pending vectors to multiply next (the verification chain alone while verifying)."""
@@ -378,13 +410,12 @@ class _Search:
         ritz = self.kr.ritz()
         thr = self.threshold(ritz)
         if self.verify_chain is None:
-            wanted = self.wanted(ritz)
-            if wanted.numel() < self.k or not bool((ritz.residuals[wanted] <= thr).all()):
+            if not self.converged(ritz, thr):
                 return
-            if not self.verify or self.kr.m + len(self.kr.pending) >= self.kr.n:
+            if not self.verify or self.verified or self.kr.m + len(self.kr.pending) >= self.kr.n:
                 self.done = True
                 return
-            self.reference = float(self.sign * ritz.values[wanted[-1]])
+            self.reference = float(self.sign * ritz.values[self.wanted(ritz)[-1]])
             self.verify_last = -math.inf
             if not self.kr.inject():
                 self.done = True
@@ -407,7 +438,8 @@ class _Search:
         """
         ritz, steps, chain_left = self.kr.chain_ritz(self.verify_chain)
         if ritz is None:
-            self.done = not chain_left
+            if not chain_left:
+                self._verified()
             return
         values = self.sign * ritz.values
         best = int(torch.argmax(values))
@@ -417,11 +449,23 @@ class _Search:
         if mu > bound:
             self.verify_chain = None  # a missed value: iterate all chains again, then re-check
             return
-        if not chain_left:
-            self.done = True  # the chain's Krylov space is invariant: B has nothing beyond
-            return
         stagnant = steps >= 3 and mu + 2 * rho <= bound and mu - previous <= 0.1 * (bound - mu)
-        self.done = stagnant or _chebyshev_certifies(steps, mu, float(values.min()), bound, self.kr.n)
+        # not chain_left: the chain's Krylov space is invariant, so B has nothing beyond.
+        if (
+            not chain_left
+            or stagnant
+            or _chebyshev_certifies(steps, mu, float(values.min()), bound, self.kr.n)
+        ):
+            self._verified()
+
+    def _verified(self) -> None:
+        """Stop, unless the verification columns moved a wanted value off its bound: then resume."""
+        self.verified = True
+        ritz = self.kr.ritz()
+        if self.converged(ritz, self.threshold(ritz)):
+            self.done = True
+        else:
+            self.verify_chain = None
 
     def make_room(self, needed: int) -> None:
         """Thick-restart the basis if ``needed`` more columns would not fit."""
@@ -473,7 +517,8 @@ def eigenvalues(
     """The ``k`` largest or smallest eigenvalues of a symmetric operator, by Lanczos.
 
     Lanczos with full reorthogonalization grows one Krylov basis until the ``k`` wanted Ritz values
-    converge: a value is converged when its residual ``||A x - theta x||`` is at most
+    converge: a value is converged when its error bound ``min(r, r^2 / gap)`` (residual
+    ``r = ||A x - theta x||``, gap to the other Ritz values; see :func:`error_bounds`) is at most
     ``tol * max|theta|`` (``tol`` relative to the spectral scale, estimated by the largest Ritz value
     in magnitude). The projected eigenproblem is solved in float64. For ``k > block_size`` the result is
     then checked for missed multiplicity with a fresh random start vector orthogonal to the basis (see
@@ -487,7 +532,7 @@ def eigenvalues(
         k: Number of eigenvalues, ``1 <= k <= N``.
         which: ``"largest"`` (algebraically largest, largest first) or ``"smallest"`` (smallest
             first).
-        tol: Relative residual tolerance (see above).
+        tol: Relative error tolerance (see above).
         max_matvecs: Product budget; default ``min(N, max(500, 50 * k))``.
         return_vectors: Also return the ``[N, k]`` unit eigenvectors.
         seed: Seed of the private random generator for start vectors.
@@ -500,8 +545,8 @@ def eigenvalues(
 
     Returns:
         An :class:`~lightning_hessian.results.EigenResult` with ``values``, optional ``vectors``,
-        per-value ``converged`` flags and ``residuals``, ``num_matvecs``, ``which`` and the absolute
-        ``tol`` that was applied.
+        per-value ``converged`` flags, ``residuals`` and ``error_bounds``, ``num_matvecs``, ``which`` and
+        the absolute ``tol`` that was applied.
 
     Raises:
         TypeError: If ``op`` is not an operator or an integer argument is not an integer.
@@ -537,15 +582,17 @@ def _result(search: _Search, which: str, return_vectors: bool, budget: int) -> E
     wanted = search.wanted(ritz)
     values = ritz.values[wanted]
     residuals = ritz.residuals[wanted]
-    exhausted = kr.m >= kr.n
-    converged = torch.ones_like(values, dtype=torch.bool) if exhausted else residuals <= thr
+    bounds = error_bounds(ritz)[wanted]
+    if kr.m >= kr.n:  # the basis spans the whole space: the values are exact
+        bounds = torch.zeros_like(bounds)
+    converged = bounds <= thr
     vectors = kr.vectors(ritz.coords[:, wanted]) if return_vectors else None
     if not bool(converged.all()):
         missing = int((~converged).sum())
         warnings.warn(
             f"eigenvalues: {missing} of {search.k} {which} eigenvalue(s) did not reach the "
-            f"residual tolerance {thr:.3g} (tol={search.tol:g} x spectral scale) within "
-            f"max_matvecs={budget} products (worst residual {float(residuals.max()):.3g}). "
+            f"error tolerance {thr:.3g} (tol={search.tol:g} x spectral scale) within "
+            f"max_matvecs={budget} products (worst error bound {float(bounds.max()):.3g}). "
             f"Raise `max_matvecs` or `tol`; `converged` flags the values that made it.",
             HessianConvergenceWarning,
             stacklevel=3,
@@ -555,6 +602,7 @@ def _result(search: _Search, which: str, return_vectors: bool, budget: int) -> E
         vectors=vectors,
         converged=converged,
         residuals=residuals,
+        error_bounds=bounds,
         num_matvecs=kr.num_matvecs,
         which=which,
         tol=thr,

@@ -21,11 +21,15 @@ class EigenResult:
         values: ``[k]`` eigenvalues, largest first for ``which="largest"``, smallest first for
             ``which="smallest"``.
         vectors: ``[N, k]`` unit eigenvectors (columns) when requested, else ``None``.
-        converged: ``[k]`` bools: the value's residual ``||A x - value x||`` met the tolerance.
-        residuals: ``[k]`` residual norms (float64).
+        converged: ``[k]`` bools: the value's error bound met the tolerance.
+        residuals: ``[k]`` residual norms ``||A x - value x||`` (float64); each value is within its
+            residual of an eigenvalue.
         num_matvecs: Operator-vector products used.
         which: ``"largest"`` or ``"smallest"``.
-        tol: The absolute residual tolerance that ``converged`` was judged against.
+        tol: The absolute error tolerance that ``converged`` was judged against.
+        error_bounds: ``[k]`` error bounds ``min(r, r^2 / gap)`` (float64; the gap estimated from the
+            Ritz values, see :func:`lightning_hessian.lanczos.error_bounds`); zero where the values are
+            exact.
     """
 
     values: Tensor
@@ -35,6 +39,7 @@ class EigenResult:
     num_matvecs: int
     which: str = "largest"
     tol: float = 0.0
+    error_bounds: Tensor | None = None
 
     @property
     def all_converged(self) -> bool:

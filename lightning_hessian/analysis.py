@@ -88,7 +88,6 @@ def _exact_eigen(values: Tensor, which: str, k: int) -> EigenResult:
         num_matvecs=0,
         which=which,
         tol=0.0,
-        error_bounds=torch.zeros(picked.shape[0], dtype=torch.float64),
     )
 
 
@@ -222,7 +221,7 @@ def analyze(
         dtype: Compute dtype, e.g. ``torch.float64``.
         seed: Seed of every random probe.
         batch_size_fn: ``batch -> number of samples``.
-        tol: Relative error tolerance of the eigenvalues (see :func:`~lightning_hessian.eigenvalues`).
+        tol: Relative residual tolerance of the eigenvalues.
         max_matvecs: Product budget per eigenvalue search (default: the estimator's).
         trace_method: ``"hutch++"``, ``"xtrace"``, ``"hutchinson"`` or ``"exact"``.
         trace_matvecs: Products per stochastic trace.

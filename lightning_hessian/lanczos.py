@@ -5,11 +5,7 @@ the projection ``H = Q^T A Q`` (float64; tridiagonal for plain Lanczos, banded o
 vectors enter) together with the pending residual directions ``P`` and their couplings ``C``, so that
 ``A Q = Q H + P C`` holds to rounding at every step. Ritz pairs come from ``torch.linalg.eigh(H)`` in
 float64, and the residual of a Ritz pair ``(theta, Q y)`` is the exact ``||C y||`` (the pending
-directions are orthonormal), so convergence is judged on true residuals, never on the change of a value:
-a value is converged when its error bound ``min(r, r^2 / gap)`` (:func:`error_bounds`; the residual
-alone, or Kato-Temple's quadratic bound where the gap to the other Ritz values is resolved) is within
-the tolerance. Eigenvalues converge twice as fast as their residuals, so the quadratic bound stops the
-iteration as soon as the values are accurate instead of when the vectors are.
+directions are orthonormal), so convergence is judged on true residuals, never on the change of a value.
 
 - Every new vector is orthogonalized twice (classical Gram-Schmidt) against the whole basis, so there
   are no ghost copies of converged values.
@@ -289,7 +285,9 @@ def _validate(
     if which not in WHICH:
         raise ValueError(f"`which` must be 'largest' or 'smallest', got {which!r}.")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or not tol > 0:
-        raise ValueError(f"`tol` must be a positive finite number (relative error, e.g. 1e-4), got {tol!r}.")
+        raise ValueError(
+            f"`tol` must be a positive finite number (relative residual, e.g. 1e-4), got {tol!r}."
+        )
     block = check_int("block_size", block_size, 1, "Use block_size=1 for plain Lanczos.")
     block = min(block, n)
     if max_matvecs is None:
@@ -329,30 +327,6 @@ def _chebyshev_certifies(steps: int, top: float, low: float, bound: float, n: in
     return growth >= math.log(2 * math.sqrt(n) / MISS_PROBABILITY)
 
 
-def error_bounds(ritz: _Ritz) -> Tensor:
-    """Error bounds ``min(r, r^2 / gap)`` of Ritz values (Kato-Temple, gap from the Ritz values).
-
-    A Ritz value ``theta`` with residual ``r`` is within ``r`` of an eigenvalue, and within
-    ``r^2 / gap`` when every other eigenvalue is at least ``gap`` away. The gap is estimated as the
-    distance to the nearest other Ritz value less that value's residual (an interval known to hold an
-    eigenvalue), and the quadratic bound is used only where that estimate is positive.
-
-    Args:
-        ritz: Ritz values and their residuals.
-
-    Returns:
-        ``[m]`` float64 error bounds, never above the residuals.
-    """
-    res = ritz.residuals
-    if res.numel() < 2:
-        return res.clone()
-    dist = (ritz.values[:, None] - ritz.values[None, :]).abs() - res[None, :]
-    dist.fill_diagonal_(math.inf)
-    gap = dist.min(dim=1).values
-    quadratic = torch.where(gap > 0, res.pow(2) / gap.clamp_min(torch.finfo(res.dtype).tiny), math.inf)
-    return torch.minimum(res, quadratic)
-
-
 def _check_interval(m: int) -> int:
     """Steps between convergence checks: every step while the basis is small, then ~2% of it."""
     return max(1, m // 50)
@@ -390,13 +364,13 @@ class _Search:
         return order[: self.k]
 
     def threshold(self, ritz: _Ritz) -> float:
-        """Absolute error tolerance: ``tol * max |Ritz value|``."""
+        """Absolute residual tolerance: ``tol * max |Ritz value|``."""
         return self.tol * float(ritz.values.abs().max()) if ritz.values.numel() else 0.0
 
     def converged(self, ritz: _Ritz, thr: float) -> bool:
-        """Whether the ``k`` wanted values all have error bounds within ``thr``."""
+        """Whether the ``k`` wanted values all have residuals within ``thr``."""
         wanted = self.wanted(ritz)
-        return wanted.numel() >= self.k and bool((error_bounds(ritz)[wanted] <= thr).all())
+        return wanted.numel() >= self.k and bool((ritz.residuals[wanted] <= thr).all())
 
     def choose(self) -> list[int]:
         """Pending vectors to multiply next (the verification chain alone while verifying)."""
@@ -450,16 +424,12 @@ class _Search:
             self.verify_chain = None  # a missed value: iterate all chains again, then re-check
             return
         stagnant = steps >= 3 and mu + 2 * rho <= bound and mu - previous <= 0.1 * (bound - mu)
-        # not chain_left: the chain's Krylov space is invariant, so B has nothing beyond.
-        if (
-            not chain_left
-            or stagnant
-            or _chebyshev_certifies(steps, mu, float(values.min()), bound, self.kr.n)
-        ):
+        certified = _chebyshev_certifies(steps, mu, float(values.min()), bound, self.kr.n)
+        if not chain_left or stagnant or certified:  # no chain left: B's Krylov space is invariant
             self._verified()
 
     def _verified(self) -> None:
-        """Stop, unless the verification columns moved a wanted value off its bound: then resume."""
+        """Stop, unless the verification columns moved a wanted value off its tolerance: then resume."""
         self.verified = True
         ritz = self.kr.ritz()
         if self.converged(ritz, self.threshold(ritz)):
@@ -495,9 +465,10 @@ class _Search:
                 continue
             self.make_room(len(chosen))
             self.kr.step(chosen)
-            due = self.kr.m - last_check >= _check_interval(self.kr.m) or not self.kr.pending
+            # Counted in products, not basis columns: a thick restart shrinks the basis.
+            due = self.kr.num_matvecs - last_check >= _check_interval(self.kr.m) or not self.kr.pending
             if due or self.verify_chain is not None:
-                last_check = self.kr.m
+                last_check = self.kr.num_matvecs
                 self.check()
 
 
@@ -517,8 +488,7 @@ def eigenvalues(
     """The ``k`` largest or smallest eigenvalues of a symmetric operator, by Lanczos.
 
     Lanczos with full reorthogonalization grows one Krylov basis until the ``k`` wanted Ritz values
-    converge: a value is converged when its error bound ``min(r, r^2 / gap)`` (residual
-    ``r = ||A x - theta x||``, gap to the other Ritz values; see :func:`error_bounds`) is at most
+    converge: a value is converged when its residual ``||A x - theta x||`` is at most
     ``tol * max|theta|`` (``tol`` relative to the spectral scale, estimated by the largest Ritz value
     in magnitude). The projected eigenproblem is solved in float64. For ``k > block_size`` the result is
     then checked for missed multiplicity with a fresh random start vector orthogonal to the basis (see
@@ -532,7 +502,7 @@ def eigenvalues(
         k: Number of eigenvalues, ``1 <= k <= N``.
         which: ``"largest"`` (algebraically largest, largest first) or ``"smallest"`` (smallest
             first).
-        tol: Relative error tolerance (see above).
+        tol: Relative residual tolerance (see above).
         max_matvecs: Product budget; default ``min(N, max(500, 50 * k))``.
         return_vectors: Also return the ``[N, k]`` unit eigenvectors.
         seed: Seed of the private random generator for start vectors.
@@ -545,8 +515,8 @@ def eigenvalues(
 
     Returns:
         An :class:`~lightning_hessian.results.EigenResult` with ``values``, optional ``vectors``,
-        per-value ``converged`` flags, ``residuals`` and ``error_bounds``, ``num_matvecs``, ``which`` and
-        the absolute ``tol`` that was applied.
+        per-value ``converged`` flags and ``residuals``, ``num_matvecs``, ``which`` and the absolute
+        ``tol`` that was applied.
 
     Raises:
         TypeError: If ``op`` is not an operator or an integer argument is not an integer.
@@ -582,17 +552,15 @@ def _result(search: _Search, which: str, return_vectors: bool, budget: int) -> E
     wanted = search.wanted(ritz)
     values = ritz.values[wanted]
     residuals = ritz.residuals[wanted]
-    bounds = error_bounds(ritz)[wanted]
-    if kr.m >= kr.n:  # the basis spans the whole space: the values are exact
-        bounds = torch.zeros_like(bounds)
-    converged = bounds <= thr
+    exhausted = kr.m >= kr.n
+    converged = torch.ones_like(values, dtype=torch.bool) if exhausted else residuals <= thr
     vectors = kr.vectors(ritz.coords[:, wanted]) if return_vectors else None
     if not bool(converged.all()):
         missing = int((~converged).sum())
         warnings.warn(
             f"eigenvalues: {missing} of {search.k} {which} eigenvalue(s) did not reach the "
-            f"error tolerance {thr:.3g} (tol={search.tol:g} x spectral scale) within "
-            f"max_matvecs={budget} products (worst error bound {float(bounds.max()):.3g}). "
+            f"residual tolerance {thr:.3g} (tol={search.tol:g} x spectral scale) within "
+            f"max_matvecs={budget} products (worst residual {float(residuals.max()):.3g}). "
             f"Raise `max_matvecs` or `tol`; `converged` flags the values that made it.",
             HessianConvergenceWarning,
             stacklevel=3,
@@ -602,7 +570,6 @@ def _result(search: _Search, which: str, return_vectors: bool, budget: int) -> E
         vectors=vectors,
         converged=converged,
         residuals=residuals,
-        error_bounds=bounds,
         num_matvecs=kr.num_matvecs,
         which=which,
         tol=thr,

@@ -21,15 +21,11 @@ class EigenResult:
         values: ``[k]`` eigenvalues, largest first for ``which="largest"``, smallest first for
             ``which="smallest"``.
         vectors: ``[N, k]`` unit eigenvectors (columns) when requested, else ``None``.
-        converged: ``[k]`` bools: the value's error bound met the tolerance.
-        residuals: ``[k]`` residual norms ``||A x - value x||`` (float64); each value is within its
-            residual of an eigenvalue.
+        converged: ``[k]`` bools: the value's residual ``||A x - value x||`` met the tolerance.
+        residuals: ``[k]`` residual norms (float64).
         num_matvecs: Operator-vector products used.
         which: ``"largest"`` or ``"smallest"``.
-        tol: The absolute error tolerance that ``converged`` was judged against.
-        error_bounds: ``[k]`` error bounds ``min(r, r^2 / gap)`` (float64; the gap estimated from the
-            Ritz values, see :func:`lightning_hessian.lanczos.error_bounds`); zero where the values are
-            exact.
+        tol: The absolute residual tolerance that ``converged`` was judged against.
     """
 
     values: Tensor
@@ -39,7 +35,6 @@ class EigenResult:
     num_matvecs: int
     which: str = "largest"
     tol: float = 0.0
-    error_bounds: Tensor | None = None
 
     @property
     def all_converged(self) -> bool:
@@ -82,8 +77,9 @@ def default_broadening(nodes: Tensor) -> float:
 class SpectralDensity:
     """An eigenvalue density as a weighted set of nodes (a discrete measure of total mass 1).
 
-    From stochastic Lanczos quadrature the nodes are Ritz values and the weights the squared first
-    components of the Ritz vectors, averaged over probes; from a dense Hessian the nodes are the exact
+    From stochastic Lanczos quadrature the nodes are the Ritz values of the block Krylov space of the
+    probes and the weights the squared components of their Ritz vectors on the probes, averaged over
+    probes (with one probe: the squared first components); from a dense Hessian the nodes are the exact
     eigenvalues, each of weight ``1/N``.
 
     Attributes:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -17,14 +18,11 @@ def top(spectrum: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def assert_close_to_exact(result, expected: torch.Tensor, scale: float) -> None:
-    """Every value within its reported error bound, which is within the tolerance and the residual."""
+    """Every value within the residual tolerance the result reports (|theta - lambda| <= residual)."""
     assert result.values.dtype == torch.float64
     assert result.all_converged
     err = (result.values - expected).abs()
-    slack = 1e-12 * scale
-    assert bool((err <= result.error_bounds + slack).all()), (result.values, expected, result.error_bounds)
-    assert bool((result.error_bounds <= result.residuals).all())
-    assert bool((result.error_bounds <= result.tol).all())
+    assert bool((err <= result.residuals + 1e-12 * scale).all()), (result.values, expected)
     assert bool((err <= 1e-4 * scale).all())
 
 
@@ -97,26 +95,6 @@ def test_repeated_smallest_eigenvalue_has_its_true_multiplicity() -> None:
     torch.testing.assert_close(result.values[:2], torch.full((2,), -4.0, dtype=torch.float64))
 
 
-def test_error_bounds_hold_at_every_budget_and_stop_before_the_residual_does() -> None:
-    matrix = spiked_wigner(400, [10.0, 7.0, 5.0], seed=3)
-    spectrum = exact_spectrum(matrix)
-    exact = spectrum.flip(0)[:3]
-    for budget in range(4, 60, 3):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", HessianConvergenceWarning)
-            result = eigenvalues(MatrixOperator(matrix), k=3, max_matvecs=budget, check_multiplicity=False)
-        # Each value is within its bound of an eigenvalue (the nearest one; which one is the
-        # multiplicity check's business).
-        nearest = (result.values[:, None] - spectrum[None, :]).abs().min(dim=1).values
-        assert bool((nearest <= result.error_bounds + 1e-12).all()), (budget, nearest, result.error_bounds)
-        assert bool((result.error_bounds <= result.residuals).all())
-    result = eigenvalues(MatrixOperator(matrix), k=3, tol=1e-6)
-    assert result.all_converged
-    # Converged on the quadratic bound while the residual alone was still above the tolerance.
-    assert float(result.residuals.max()) > result.tol
-    assert bool(((result.values - exact).abs() <= result.tol).all())
-
-
 def test_eigenvectors_are_unit_with_small_residuals() -> None:
     matrix = spiked_wigner(250, [6.0, 5.0, 4.0], seed=7)
     op = MatrixOperator(matrix)
@@ -125,11 +103,8 @@ def test_eigenvectors_are_unit_with_small_residuals() -> None:
     assert x.shape == (250, 3)
     torch.testing.assert_close(x.norm(dim=0), torch.ones(3, dtype=torch.float64))
     residual = (matrix @ x - x * result.values).norm(dim=0)
+    assert bool((residual <= result.tol * 1.01).all())
     torch.testing.assert_close(residual, result.residuals, atol=1e-8, rtol=1e-3)
-    # The values converge twice as fast as the vectors: the error bound r^2 / gap is what met tol.
-    assert bool((result.error_bounds <= result.tol).all())
-    exact = exact_spectrum(matrix).flip(0)[:3]
-    assert bool(((result.values - exact).abs() <= result.error_bounds + 1e-12).all())
 
 
 def test_small_operator_is_exact_with_multiplicities() -> None:
@@ -151,8 +126,7 @@ def test_budget_too_small_warns_and_flags_unconverged() -> None:
     assert result.num_matvecs == 10
     assert result.converged.dtype == torch.bool
     assert not result.all_converged
-    assert bool((result.error_bounds[~result.converged] > result.tol).all())
-    assert bool((result.error_bounds[result.converged] <= result.tol).all())
+    assert bool((result.residuals[~result.converged] > result.tol).all())
 
 
 def test_defaults_do_not_warn_when_converged() -> None:
@@ -188,6 +162,31 @@ def test_thick_restart_with_a_small_basis() -> None:
     matrix = with_spectrum(values, seed=13)
     result = eigenvalues(MatrixOperator(matrix), k=3, max_basis=12, max_matvecs=300)
     assert_close_to_exact(result, top(exact_spectrum(matrix), 3), scale=10.0)
+
+
+def test_convergence_is_still_checked_after_thick_restarts() -> None:
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(600, 600, dtype=torch.float64, generator=gen)
+    matrix = (w + w.T) / math.sqrt(2 * 600)
+    result = eigenvalues(MatrixOperator(matrix), k=1, max_basis=20, max_matvecs=3000)
+    assert result.all_converged
+    assert result.num_matvecs < 200  # stops at convergence, not at the budget
+    assert float(result.values[0]) == pytest.approx(float(exact_spectrum(matrix)[-1]), abs=1e-4 * 2.5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_close_pair_at_the_top_is_not_declared_converged_early(seed: int) -> None:
+    # 1.0 and 0.99 above a bulk in [0, 0.5]: early Ritz values mix the pair with small residuals
+    # relative to the bulk; only a converged residual separates them.
+    values = torch.cat(
+        [torch.tensor([1.0, 0.99], dtype=torch.float64), uniform_spectrum(298, 0, 0.5, seed=4)]
+    )
+    op = MatrixOperator(with_spectrum(values, seed=seed))
+    for k in (1, 2):
+        result = eigenvalues(op, k=k, seed=seed)
+        assert result.all_converged
+        expected = torch.tensor([1.0, 0.99], dtype=torch.float64)[:k]
+        assert bool(((result.values - expected).abs() <= result.tol).all()), (result.values, result.tol)
 
 
 @pytest.mark.parametrize(
@@ -243,7 +242,7 @@ def test_hessian_operator_of_a_small_model() -> None:
     result = eigenvalues(op, k=3, return_vectors=True)
     assert_close_to_exact(result, top(exact, 3), scale)
     residual = (dense @ result.vectors - result.vectors * result.values).norm(dim=0)
-    torch.testing.assert_close(residual, result.residuals, atol=1e-10, rtol=1e-3)
+    assert bool((residual <= 1.01 * result.tol).all())
     smallest = eigenvalues(op, k=1, which="smallest", tol=1e-6)
     assert smallest.all_converged
     assert abs(float(smallest.values[0]) - float(exact[0])) <= 1e-6 * scale

@@ -73,6 +73,8 @@ except ImportError:
 
 TOP_REL = 1e-4
 MIN_ABS = 1e-3
+#: Eigenvalue targets: name -> (k, which).
+TARGETS = {"top-1": (1, "largest"), "top-5": (5, "largest"), "smallest": (1, "smallest")}
 TOLS = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6, 1e-7, 1e-8]
 STEPS = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384]
 NA = "n/a"
@@ -287,9 +289,8 @@ def sweep(suite: Suite, spec: tuple[list, Callable], exact: np.ndarray, k: int, 
 
 def eigen_benchmark(suite: Suite, exact: np.ndarray, seeds: list[int]) -> dict:
     """Sweep results (median over seeds) per target and method."""
-    targets = {"top-1": (1, "largest"), "top-5": (5, "largest"), "smallest": (1, "smallest")}
     out: dict[str, dict[str, Any]] = {}
-    for target, (k, which) in targets.items():
+    for target, (k, which) in TARGETS.items():
         out[target] = {}
         per_method: dict[str, list] = {}
         for seed in seeds:
@@ -316,7 +317,6 @@ def eigen_benchmark(suite: Suite, exact: np.ndarray, seeds: list[int]) -> dict:
 def eigen_defaults(suite: Suite, exact: np.ndarray, seeds: list[int]) -> list[list[str]]:
     """Each method at its default (or the nominal tol=1e-4): products and error, median over seeds."""
     rows = []
-    targets = {"top-1": (1, "largest"), "top-5": (5, "largest"), "smallest": (1, "smallest")}
     settings = {
         "lh (tol=1e-4, default)": ("lh", 1e-4),
         "lh (tol=1e-4, check_multiplicity=False)": ("lh no check", 1e-4),
@@ -327,7 +327,7 @@ def eigen_defaults(suite: Suite, exact: np.ndarray, seeds: list[int]) -> list[li
     }
     for label, (name, setting) in settings.items():
         row = [label]
-        for _target, (k, which) in targets.items():
+        for k, which in TARGETS.values():
             cells = []
             for seed in seeds:
                 spec = eig_methods(suite, k, which, seed, only_checked=False).get(name)
@@ -371,14 +371,15 @@ def eigen_matched(suite: Suite, exact: np.ndarray, seeds: list[int]) -> list[lis
     residual guarantees 1e-4 relative on the top-k values and 1e-3 absolute on the smallest.
     """
     scale = float(np.max(np.abs(exact)))
-    targets = {
-        "top-1": (1, "largest", TOP_REL * exact[-1] / scale, TOP_REL),
-        "top-5": (5, "largest", TOP_REL * exact[-5] / scale, TOP_REL),
-        "smallest": (1, "smallest", MIN_ABS / scale, MIN_ABS / abs(exact[0])),
+    tolerances = {  # target -> (lh tol, ARPACK tol)
+        "top-1": (TOP_REL * exact[-1] / scale, TOP_REL),
+        "top-5": (TOP_REL * exact[-5] / scale, TOP_REL),
+        "smallest": (MIN_ABS / scale, MIN_ABS / abs(exact[0])),
     }
     cells: dict[str, list[str]] = {"lh": [], "eigsh (lh HVP)": [], "Krylov oracle (lower bound)": []}
     lh_medians = {}
-    for target, (k, which, lh_tol, arpack_tol) in targets.items():
+    for target, (k, which) in TARGETS.items():
+        lh_tol, arpack_tol = tolerances[target]
         runs: dict[str, list] = {name: [] for name in cells}
         for seed in seeds:
             methods = eig_methods(suite, k, which, seed)
@@ -399,8 +400,10 @@ def eigen_matched(suite: Suite, exact: np.ndarray, seeds: list[int]) -> list[lis
             cells[name].append(f"{products:g}{ratio}{error}")
         print(f"  matched {target}", {name: cells[name][-1] for name in cells}, flush=True)
     tols = (
-        f"lh tol = target x |lambda| / scale ({targets['top-1'][2]:.2e}, {targets['top-5'][2]:.2e}, "
-        f"{targets['smallest'][2]:.2e}); eigsh tol = {TOP_REL:g}, {TOP_REL:g}, {targets['smallest'][3]:.3g}"
+        "lh tol = target x |lambda| / scale ("
+        + ", ".join(f"{lh:.2e}" for lh, _ in tolerances.values())
+        + "); eigsh tol = "
+        + ", ".join(f"{arpack:.3g}" for _, arpack in tolerances.values())
     )
     print("  matched tolerances:", tols, flush=True)
     return [[name, *row] for name, row in cells.items()]

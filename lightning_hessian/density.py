@@ -68,7 +68,7 @@ def _block_quadrature(
     krylov = KrylovBasis(op, n, min(n, p * num_steps), generator)
     kept = krylov.start(probes)
     for _ in range(num_steps):
-        if not krylov.pending or krylov.m + len(krylov.pending) > krylov.capacity:
+        if not krylov.pending:
             break  # an invariant block Krylov space: the quadrature is exact
         krylov.step(list(range(len(krylov.pending))))
     ritz = krylov.ritz()

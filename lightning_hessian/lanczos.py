@@ -459,9 +459,8 @@ class _Search:
             if remaining <= 0:
                 return
             chosen = self.choose()[:remaining]
-            if not chosen:  # the verification chain deflated: judge it as it stands
+            if not chosen:  # the verification chain deflated: judging it stops or resumes the search
                 self.check()
-                self.verify_chain = None if not self.done else self.verify_chain
                 continue
             self.make_room(len(chosen))
             self.kr.step(chosen)

@@ -6,11 +6,11 @@ logs them to TensorBoard while a model trains.
 """
 
 from .analysis import analyze
+from .batches import infer_batch_size
 from .callback import HessianCallback
-from .closure import infer_batch_size
-from .dense import HessianTooLargeError, hessian
 from .density import spectral_density
-from .errors import NonFiniteHessianError
+from .errors import HessianTooLargeError, NonFiniteHessianError
+from .exact import hessian
 from .lanczos import HessianConvergenceWarning, eigenvalues
 from .linear_operator import MatrixOperator, SymmetricOperator
 from .operator import HessianOperator

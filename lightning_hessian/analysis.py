@@ -10,19 +10,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .closure import BatchSizeFn, LossFn, validate_mode
+from .batches import BatchSizeFn
+from .closure import LossFn
 from .dense import agreed_dense_check, dense_from_operator
 from .density import spectral_density
 from .errors import NonFiniteHessianError
 from .lanczos import eigenvalues
-from .linear_operator import check_int, make_generator
 from .operator import HessianOperator
 from .parameters import BlocksSpec, Patterns, resolve_blocks
+from .probes import make_generator, rademacher
 from .results import BlockReport, EigenResult, HessianReport, SpectralDensity, TraceResult
-from .trace import METHODS as TRACE_METHODS
-from .trace import rademacher, trace
+from .settings import AnalysisSettings
+from .trace import trace as estimate_trace
+from .validation import check_callable
 
-ANALYSIS_METHODS = ("auto", "dense", "iterative")
 Progress = Callable[[int, int], None]
 
 
@@ -53,31 +54,6 @@ class _Progress:
             self.callback(self.done, self.planned)
 
 
-def _validate(
-    top_k: int,
-    method: str,
-    dense_limit: int,
-    trace_method: str,
-    trace_matvecs: int,
-    density_probes: int,
-    density_steps: int,
-    mode: str,
-    progress: Progress | None,
-) -> None:
-    check_int("top_k", top_k, 0, "Pass 0 to skip the top eigenvalues.")
-    check_int("dense_limit", dense_limit, 0, "Blocks up to this size are computed densely.")
-    check_int("trace_matvecs", trace_matvecs, 1, "It is the number of products the trace may use.")
-    check_int("density_probes", density_probes, 1, "Use at least one random probe.")
-    check_int("density_steps", density_steps, 1, "Use at least one Lanczos step.")
-    if method not in ANALYSIS_METHODS:
-        raise ValueError(f"`method={method!r}` must be one of {ANALYSIS_METHODS}.")
-    if trace_method not in TRACE_METHODS:
-        raise ValueError(f"`trace_method={trace_method!r}` must be one of {TRACE_METHODS}.")
-    validate_mode(mode)
-    if progress is not None and not callable(progress):
-        raise TypeError(f"`progress` must be callable as progress(done, planned), got {progress!r}.")
-
-
 def _exact_eigen(values: Tensor, which: str, k: int) -> EigenResult:
     picked = values.flip(0)[:k] if which == "largest" else values[:k]
     return EigenResult(
@@ -91,55 +67,49 @@ def _exact_eigen(values: Tensor, which: str, k: int) -> EigenResult:
     )
 
 
-def _dense_block(
-    name: str, op: HessianOperator, top_k: int, min_eigenvalue: bool, trace_on: bool, density_on: bool
-) -> BlockReport:
+def _dense_block(name: str, op: HessianOperator, settings: AnalysisSettings) -> BlockReport:
     matrix = dense_from_operator(op)
     spectrum = torch.linalg.eigvalsh(matrix.to(torch.float64)).cpu()
     n = spectrum.shape[0]
     report = BlockReport(name=name, size=n, method="dense", spectrum=spectrum, num_matvecs=n)
-    if top_k:
-        report.eigenvalues = _exact_eigen(spectrum, "largest", min(top_k, n))
-    if min_eigenvalue:
+    if settings.top_k:
+        report.eigenvalues = _exact_eigen(spectrum, "largest", min(settings.top_k, n))
+    if settings.min_eigenvalue:
         report.min_eigenvalue = _exact_eigen(spectrum, "smallest", 1)
-    if trace_on:
+    if settings.trace:
         report.trace = TraceResult(float(matrix.diagonal().sum()), 0.0, n, "exact")
-    if density_on:
+    if settings.density:
         weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
         report.density = SpectralDensity(spectrum, weights, num_matvecs=0, num_probes=0, exact=True)
     return report
 
 
 def _iterative_block(
-    name: str,
-    op: _CountingOperator,
-    settings: dict[str, Any],
+    name: str, op: _CountingOperator, settings: AnalysisSettings, shared_trace: bool
 ) -> BlockReport:
     n = op.shape[0]
     report = BlockReport(name=name, size=n, method="iterative")
-    seed, tol, budget = settings["seed"], settings["tol"], settings["max_matvecs"]
-    if settings["top_k"]:
+    seed, tol, budget = settings.seed, settings.tol, settings.max_matvecs
+    if settings.top_k:
         report.eigenvalues = eigenvalues(
             op,
-            min(settings["top_k"], n),
+            min(settings.top_k, n),
             "largest",
             tol=tol,
             max_matvecs=budget,
             seed=seed,
-            return_vectors=settings["eigenvectors"],
+            return_vectors=settings.eigenvectors,
         )
         report.num_matvecs += report.eigenvalues.num_matvecs
-    if settings["min_eigenvalue"]:
+    if settings.min_eigenvalue:
         report.min_eigenvalue = eigenvalues(op, 1, "smallest", tol=tol, max_matvecs=budget, seed=seed)
         report.num_matvecs += report.min_eigenvalue.num_matvecs
-    if settings["trace"] and not settings["shared_trace"]:
-        report.trace = trace(op, settings["trace_method"], settings["trace_matvecs"], seed=seed)
+    if settings.trace and not shared_trace:
+        report.trace = estimate_trace(op, settings.trace_method, settings.trace_matvecs, seed=seed)
         report.num_matvecs += report.trace.num_matvecs
-    if settings["density"]:
-        steps = min(settings["density_steps"], n)
-        report.density = spectral_density(
-            op, num_probes=settings["density_probes"], num_steps=steps, seed=seed
-        )
+    if settings.density:
+        steps = min(settings.density_steps, n)
+        report.density = spectral_density(op, num_probes=settings.density_probes, num_steps=steps, seed=seed)
         report.num_matvecs += report.density.num_matvecs
     return report
 
@@ -177,7 +147,7 @@ def analyze(
     blocks: BlocksSpec = None,
     top_k: int = 3,
     min_eigenvalue: bool = True,
-    trace: bool = True,  # noqa: A002 - the contract's argument name
+    trace: bool = True,
     density: bool = True,
     method: str = "auto",
     dense_limit: int = 1024,
@@ -245,58 +215,87 @@ def analyze(
         >>> report = analyze(model, loss_fn, [(x, y)], blocks="module", top_k=2)
         >>> report.scalars()["hessian/model/eigenvalue_1"]  # doctest: +SKIP
     """
-    _validate(
-        top_k, method, dense_limit, trace_method, trace_matvecs, density_probes, density_steps, mode, progress
+    settings = AnalysisSettings(
+        params=params,
+        blocks=blocks,
+        top_k=top_k,
+        min_eigenvalue=min_eigenvalue,
+        trace=trace,
+        density=density,
+        method=method,
+        dense_limit=dense_limit,
+        mode=mode,
+        dtype=dtype,
+        seed=seed,
+        batch_size_fn=batch_size_fn,
+        tol=tol,
+        max_matvecs=max_matvecs,
+        trace_method=trace_method,
+        trace_matvecs=trace_matvecs,
+        density_probes=density_probes,
+        density_steps=density_steps,
+        eigenvectors=eigenvectors,
+        hvp=hvp,
     )
+    return analyze_with(model, loss_fn, data, settings, process_group=process_group, progress=progress)
+
+
+def analyze_with(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    data: Iterable[Any] | None,
+    settings: AnalysisSettings,
+    *,
+    process_group: Any = "auto",
+    progress: Progress | None = None,
+) -> HessianReport:
+    """:func:`analyze` with its settings given as one :class:`AnalysisSettings` object.
+
+    Args:
+        model: Any ``nn.Module``; never modified.
+        loss_fn: ``loss_fn(module, batch) -> scalar``; ``None`` uses a LightningModule's ``training_step``.
+        data: Iterable of batches.
+        settings: What to measure and how.
+        process_group: See :class:`HessianOperator`.
+        progress: ``progress(done, planned)``, called as products complete.
+
+    Returns:
+        A :class:`~lightning_hessian.results.HessianReport`.
+
+    Raises:
+        TypeError: If ``progress`` is not callable.
+        HessianTooLargeError: If ``method="dense"`` is asked for blocks that do not fit in memory.
+        NonFiniteHessianError: If the loss or a product is not finite (on any rank).
+
+    Example:
+        >>> report = analyze_with(model, loss_fn, [(x, y)], AnalysisSettings(top_k=2))  # doctest: +SKIP
+    """
+    if progress is not None:
+        check_callable("progress", progress, "progress(done, planned)")
     started = time.perf_counter()
     op = HessianOperator(
         model,
         loss_fn,
         data,
-        params=params,
-        mode=mode,
-        dtype=dtype,
-        batch_size_fn=batch_size_fn,
-        hvp=hvp,
+        params=settings.params,
+        mode=settings.mode,
+        dtype=settings.dtype,
+        batch_size_fn=settings.batch_size_fn,
+        hvp=settings.hvp,
         process_group=process_group,
     )
-    groups = resolve_blocks(op.space.names, blocks)
+    groups = resolve_blocks(op.space.names, settings.blocks)
     sizes = {name: op.space.subspace(names).numel for name, names in groups.items()}
     dense = {
-        name for name, n in sizes.items() if method == "dense" or (method == "auto" and n <= dense_limit)
+        name
+        for name, n in sizes.items()
+        if settings.method == "dense" or (settings.method == "auto" and n <= settings.dense_limit)
     }
-    if method == "dense":
+    if settings.method == "dense":
         agreed_dense_check(op, sizes.values())
     iterative = [name for name in groups if name not in dense]
-    shared_trace = trace and len(iterative) > 1 and trace_method != "exact"
-    planned = _planned_products(
-        sizes,
-        dense,
-        top_k,
-        min_eigenvalue,
-        trace,
-        density,
-        max_matvecs,
-        trace_matvecs,
-        density_probes,
-        density_steps,
-    )
-    tracker = _Progress(progress, planned)
-    settings = {
-        "top_k": top_k,
-        "min_eigenvalue": min_eigenvalue,
-        "trace": trace,
-        "shared_trace": shared_trace,
-        "density": density,
-        "seed": seed,
-        "tol": tol,
-        "max_matvecs": max_matvecs,
-        "trace_method": trace_method,
-        "trace_matvecs": trace_matvecs,
-        "density_probes": density_probes,
-        "density_steps": density_steps,
-        "eigenvectors": eigenvectors,
-    }
+    shared_trace = settings.trace and len(iterative) > 1 and settings.trace_method != "exact"
+    tracker = _Progress(progress, _planned_products(sizes, dense, settings))
     report = HessianReport(loss=op.loss(), num_samples=op.num_samples)
     if not math.isfinite(report.loss):
         raise NonFiniteHessianError(
@@ -308,10 +307,10 @@ def analyze(
         block_start = time.perf_counter()
         block_op = op if single else op.restrict(names)
         if name in dense:
-            block = _dense_block(name, block_op, top_k, min_eigenvalue, trace, density)
+            block = _dense_block(name, block_op, settings)
             tracker.advance(block.size)
         else:
-            block = _iterative_block(name, _CountingOperator(block_op, tracker), settings)
+            block = _iterative_block(name, _CountingOperator(block_op, tracker), settings, shared_trace)
         if not single:
             block_op.release_graphs()
         block.seconds = time.perf_counter() - block_start
@@ -320,12 +319,16 @@ def analyze(
         share_start = time.perf_counter()
         slices = op.space.slices()
         traces = _shared_block_traces(
-            _CountingOperator(op, tracker), {k: groups[k] for k in iterative}, slices, trace_matvecs, seed
+            _CountingOperator(op, tracker),
+            {k: groups[k] for k in iterative},
+            slices,
+            settings.trace_matvecs,
+            settings.seed,
         )
         share_seconds = (time.perf_counter() - share_start) / len(iterative)
         for name, result in traces.items():
             report.blocks[name].trace = result
-            report.blocks[name].num_matvecs += trace_matvecs / len(iterative)
+            report.blocks[name].num_matvecs += settings.trace_matvecs / len(iterative)
             report.blocks[name].seconds += share_seconds
     for block in report.blocks.values():
         block.num_matvecs = int(round(block.num_matvecs))
@@ -334,25 +337,15 @@ def analyze(
     return report
 
 
-def _planned_products(
-    sizes: dict[str, int],
-    dense: set[str],
-    top_k: int,
-    min_eigenvalue: bool,
-    trace_on: bool,
-    density_on: bool,
-    max_matvecs: int | None,
-    trace_matvecs: int,
-    density_probes: int,
-    density_steps: int,
-) -> int:
+def _planned_products(sizes: dict[str, int], dense: set[str], settings: AnalysisSettings) -> int:
     """Products the analysis expects to use (eigenvalue searches usually stop well before budget)."""
     planned = 0
     for name, n in sizes.items():
         if name in dense:
             planned += n
             continue
-        search = min(n, max_matvecs or 100)
-        planned += search * (bool(top_k) + bool(min_eigenvalue))
-        planned += trace_matvecs * trace_on + density_probes * min(density_steps, n) * density_on
+        search = min(n, settings.max_matvecs or 100)
+        planned += search * (bool(settings.top_k) + bool(settings.min_eigenvalue))
+        planned += settings.trace_matvecs * settings.trace
+        planned += settings.density_probes * min(settings.density_steps, n) * settings.density
     return planned

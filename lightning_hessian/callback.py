@@ -1,8 +1,9 @@
 """``HessianCallback``: curvature of the training loss, logged while a LightningModule trains.
 
-The callback is thin: it decides *when* (:mod:`.schedule`), *on which batches*
-(:mod:`.batch_cache`), calls :func:`lightning_hessian.analyze` for the numbers, and hands the report
-to :mod:`.reporting`. It never changes the training run: ``analyze`` leaves the module, its buffers,
+The callback is thin: it decides *when* (:mod:`.schedule`), *on which batches* (captured here, or
+from :mod:`.evaluation_data`), calls :func:`lightning_hessian.analysis.analyze_with` with its
+:class:`~lightning_hessian.settings.AnalysisSettings` for the numbers, and hands the report to
+:mod:`.reporting`. It never changes the training run: the analysis leaves the module, its buffers,
 gradients and every random generator as it found them, and the callback draws no random numbers.
 """
 
@@ -11,33 +12,26 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from . import analysis
-from .batch_cache import (
-    DATA_SOURCES,
-    detached_copy,
-    fingerprint,
-    take_first,
-    to_module_device,
-    validation_loader,
-)
-from .closure import validate_mode
-from .errors import RankFailedError
-from .reporting import DEFAULT_PREFIX, ReportLogger, save_report
+from .analysis import analyze_with
+from .distributed import agree_on_failure, trainer_process_group
+from .evaluation_data import DATA_SOURCES, EvaluationBatches
+from .lightning_internals import check_private_apis, state_key
+from .reporting import DEFAULT_PREFIX, ProgressBar, ReportLogger, save_report
 from .results import HessianReport
 from .schedule import Schedule
+from .settings import AnalysisSettings
+from .validation import check_bool, check_callable, check_choice, check_int
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -47,102 +41,37 @@ ON_ERROR = ("warn", "raise")
 # "same parameters on every rank, products summed over ranks" model does not apply. By class name,
 # so that no optional dependency (deepspeed) is imported.
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-METHODS = ("auto", "dense", "iterative")
-# analyze() arguments the callback sets itself; everything else may go through `analyze_kwargs`.
-_OWN_ANALYZE_ARGS = frozenset(
-    {
-        "model", "loss_fn", "data", "params", "blocks", "top_k", "min_eigenvalue", "trace", "density",
-        "method", "dense_limit", "mode", "dtype", "seed", "progress",
-    }
-)  # fmt: skip
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
-    return value
-
-
-def _check_int(name: str, value: Any, least: int, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}. {fix}")
-    return int(value)
-
-
-def _check_patterns(name: str, value: Any) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if isinstance(value, Iterable) and not isinstance(value, Mapping):
-        items = list(value)
-        if items and all(isinstance(v, str) for v in items):
-            return
-    raise ValueError(
-        f"`{name}` must be None, a glob pattern or a non-empty list of glob patterns on parameter "
-        f"names (e.g. {name}=['conv1.*', 'fc.weight']), got {value!r}."
-    )
-
-
-def _check_blocks(value: Any) -> None:
-    if value is None or value in ("model", "module", "parameter"):
-        return
-    if isinstance(value, Mapping) and value:
-        for key, patterns in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"`blocks` keys must be block names (strings), got {key!r}.")
-            _check_patterns(f"blocks[{key!r}]", patterns)
-        return
-    raise ValueError(
-        f"`blocks` must be None or 'model' (whole selection), 'module', 'parameter', or a non-empty "
-        f"mapping {{block name: glob pattern(s)}}, got {value!r}."
-    )
-
-
-def _check_dtype(value: Any) -> torch.dtype | None:
-    if value is None:
-        return None
-    dtype = value
-    if isinstance(value, str):
-        dtype = getattr(torch, value.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
-            f"`dtype` must be None (the parameters' dtype) or a floating dtype such as torch.float64 "
-            f"or 'float64', got {value!r}."
-        )
-    return dtype
 
 
 def _check_data(value: Any) -> str | Iterable[Any]:
     if isinstance(value, str):
-        if value not in DATA_SOURCES:
-            raise ValueError(
-                f"`data={value!r}` is not supported. Use 'train' (the first training batches, cached "
-                "as they pass), 'val' (the first validation batches) or an iterable of batches "
-                "(a list of batches or a DataLoader)."
-            )
-        return value
+        return check_choice(
+            "data",
+            value,
+            DATA_SOURCES,
+            "Use 'train' (the first training batches, cached as they pass), 'val' (the first validation "
+            "batches) or an iterable of batches (a list of batches or a DataLoader).",
+        )
     if isinstance(value, Tensor) or not isinstance(value, Iterable):
-        raise ValueError(
+        raise TypeError(
             f"`data` must be 'train', 'val' or an iterable of batches (a list or a DataLoader), got "
             f"{type(value).__name__}; wrap a single batch in a list: data=[batch]."
         )
     return value
 
 
-class _ProgressBar:
-    """A tqdm bar of Hessian-vector products, fed by ``analyze(progress=...)``."""
-
-    def __init__(self, description: str) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(desc=description, unit="HVP", leave=False, dynamic_ncols=True, file=sys.stdout)
-
-    def __call__(self, done: int, planned: int) -> None:
-        if planned != self.bar.total:
-            self.bar.total = planned
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
+def _check_analyze_kwargs(kwargs: Any) -> dict[str, Any]:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"`analyze_kwargs` must be a dict of analyze() settings, got {kwargs!r}.")
+    own = sorted(set(kwargs) & set(inspect.signature(HessianCallback.__init__).parameters))
+    if own:
+        raise ValueError(
+            f"`analyze_kwargs` sets {own}, which are HessianCallback arguments; pass them directly, "
+            f"e.g. HessianCallback({own[0]}=...)."
+        )
+    return dict(kwargs)
 
 
 def _check_finite(report: HessianReport) -> None:
@@ -161,17 +90,10 @@ def _sharded_strategy(strategy: Any) -> str | None:
     return next((name for name in SHARDED_STRATEGIES if name in names), None)
 
 
-def _process_group(trainer: pl.Trainer) -> Any:
-    """The process group the Hessian products are summed over: the strategy's, else WORLD, else None.
-
-    A data-parallel strategy (``ddp``, ``ddp_spawn``, multi-node) keeps a full copy of the parameters
-    on every rank, so summing every rank's products (weighted by sample counts) gives the Hessian of
-    the loss over the union of all ranks' batches.
-    """
-    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = getattr(trainer.strategy, "process_group", None)
-    return dist.group.WORLD if group is None else group
+def _setting(name: str) -> property:
+    return property(
+        lambda self: getattr(self.settings, name), doc=f"The ``{name}`` setting (see :attr:`settings`)."
+    )
 
 
 def _name_of(value: Any) -> str:
@@ -221,8 +143,9 @@ class HessianCallback(Callback):
         seed: Seed of every random probe (the training RNG is never touched).
         method: ``"auto"``, ``"dense"`` or ``"iterative"`` (passed to ``analyze``).
         dense_limit: Blocks up to this size are computed exactly with ``method="auto"``.
-        analyze_kwargs: More keyword arguments for :func:`lightning_hessian.analyze`
-            (e.g. ``{"trace_matvecs": 30, "density_steps": 64, "batch_size_fn": ...}``).
+        analyze_kwargs: More settings of :func:`lightning_hessian.analyze` (the
+            :class:`~lightning_hessian.settings.AnalysisSettings` this callback has no argument for),
+            e.g. ``{"trace_matvecs": 30, "density_steps": 64, "batch_size_fn": ...}``.
         on_error: ``"warn"``: a failed evaluation (NaN loss, non-finite products, out of memory,
             any exception) becomes one warning and a skipped evaluation; ``"raise"``: it stops training.
         histograms: Log ``hessian/B/spectrum`` histograms to loggers that take them.
@@ -234,7 +157,8 @@ class HessianCallback(Callback):
             while the trainer's own progress bar is enabled).
 
     Raises:
-        ValueError: For any invalid argument, naming it and the fix.
+        TypeError: For an argument of the wrong type, naming it and the fix.
+        ValueError: For an argument of the right type but an unsupported value, naming it and the fix.
 
     Example:
         >>> import lightning as L
@@ -276,95 +200,74 @@ class HessianCallback(Callback):
         super().__init__()
         self.schedule = Schedule.create(every_n_epochs, epochs, every_n_steps, evaluate_at_end)
         self.data = _check_data(data)
-        if num_batches is None:
-            if self.data == "train":
-                raise ValueError(
-                    "`num_batches=None` (all batches) is not supported with data='train'; pass a number "
-                    "such as num_batches=4."
-                )
-            self.num_batches = None
-        else:
-            self.num_batches = _check_int("num_batches", num_batches, 1, "Pass e.g. num_batches=4.")
-        _check_patterns("params", params)
-        _check_blocks(blocks)
-        self.params = params
-        self.blocks = blocks
-        self.top_k = _check_int("top_k", top_k, 0, "Pass e.g. top_k=3 (0 for no top eigenvalues).")
-        self.min_eigenvalue = _check_bool("min_eigenvalue", min_eigenvalue)
-        self.trace = _check_bool("trace", trace)
-        self.density = _check_bool("density", density)
-        if loss_fn is not None and not callable(loss_fn):
+        if num_batches is None and self.data == "train":
             raise ValueError(
-                f"`loss_fn` must be None (use training_step) or callable as loss_fn(module, batch), got "
-                f"{loss_fn!r}."
+                "`num_batches=None` (all batches) is not supported with data='train'; pass a number "
+                "such as num_batches=4."
             )
-        self.loss_fn = loss_fn
-        try:
-            self.mode = validate_mode(mode)
-        except ValueError as error:
-            raise ValueError(str(error)) from None
-        self.dtype = _check_dtype(dtype)
-        self.seed = _check_int("seed", seed, 0, "Pass a non-negative integer such as seed=0.")
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-        self.method = method
-        self.dense_limit = _check_int(
-            "dense_limit", dense_limit, 0, "Pass the largest block size to compute exactly, e.g. 1024."
+        self.num_batches = (
+            None if num_batches is None else check_int("num_batches", num_batches, 1, "Pass e.g. 4.")
         )
-        self.analyze_kwargs = self._check_analyze_kwargs(analyze_kwargs)
-        if on_error not in ON_ERROR:
-            raise ValueError(
-                f"`on_error` must be 'warn' (skip a failed evaluation with a warning) or 'raise' (stop "
-                f"training), got {on_error!r}."
-            )
-        self.on_error = on_error
-        self.histogram_bins = _check_int("histogram_bins", histogram_bins, 1, "Pass e.g. histogram_bins=64.")
-        self.save_reports = _check_bool("save_reports", save_reports)
-        self.progress_bar = _check_bool("progress_bar", progress_bar)
+        self.analyze_kwargs = _check_analyze_kwargs(analyze_kwargs)
+        self.settings = AnalysisSettings.create(
+            "analyze_kwargs",
+            params=params,
+            blocks=blocks,
+            top_k=top_k,
+            min_eigenvalue=min_eigenvalue,
+            trace=trace,
+            density=density,
+            mode=mode,
+            dtype=dtype,
+            seed=seed,
+            method=method,
+            dense_limit=dense_limit,
+            **self.analyze_kwargs,
+        )
+        if loss_fn is not None:
+            check_callable("loss_fn", loss_fn, "loss_fn(module, batch) (or None to use training_step)")
+        self.loss_fn = loss_fn
+        self.on_error = check_choice(
+            "on_error",
+            on_error,
+            ON_ERROR,
+            "Use 'warn' (skip a failed evaluation with a warning) or 'raise' (stop training).",
+        )
+        self.save_reports = check_bool("save_reports", save_reports)
+        self.progress_bar = check_bool("progress_bar", progress_bar)
         self.reporter = ReportLogger(
             DEFAULT_PREFIX,
-            histograms=_check_bool("histograms", histograms),
-            figures=_check_bool("figures", figures),
-            histogram_bins=self.histogram_bins,
+            histograms=check_bool("histograms", histograms),
+            figures=check_bool("figures", figures),
+            histogram_bins=check_int("histogram_bins", histogram_bins, 1, "Pass e.g. histogram_bins=64."),
         )
         self.history: list[dict[str, Any]] = []
         self.last_report: HessianReport | None = None
-        self._batches: list[Any] = []
-        self._batches_final = False
-        self._fingerprint: str | None = None
-        self._loaded_fingerprint: str | None = None
+        self._batches = EvaluationBatches(self.data, self.num_batches)
         self._last_step: int | None = None
         self._epoch: int | None = None  # the epoch in progress (the last one trained, at the end)
         self._report_dir: Path | None = None
         self._warned: set[str] = set()
 
-    @staticmethod
-    def _check_analyze_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
-        if kwargs is None:
-            return {}
-        if not isinstance(kwargs, Mapping):
-            raise ValueError(f"`analyze_kwargs` must be a dict of analyze() arguments, got {kwargs!r}.")
-        accepted = set(inspect.signature(analysis.analyze).parameters) - _OWN_ANALYZE_ARGS
-        own = sorted(set(kwargs) & _OWN_ANALYZE_ARGS)
-        if own:
-            raise ValueError(
-                f"`analyze_kwargs` sets {own}, which are HessianCallback arguments; pass them directly, "
-                f"e.g. HessianCallback({own[0]}=...)."
-            )
-        unknown = sorted(set(kwargs) - accepted)
-        if unknown:
-            raise ValueError(
-                f"`analyze_kwargs` has unknown keys {unknown}; lightning_hessian.analyze accepts "
-                f"{sorted(accepted)}."
-            )
-        return dict(kwargs)
+    params = _setting("params")
+    blocks = _setting("blocks")
+    top_k = _setting("top_k")
+    min_eigenvalue = _setting("min_eigenvalue")
+    trace = _setting("trace")
+    density = _setting("density")
+    mode = _setting("mode")
+    dtype = _setting("dtype")
+    seed = _setting("seed")
+    method = _setting("method")
+    dense_limit = _setting("dense_limit")
 
     # ------------------------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
         """Identifies this callback's state in a checkpoint; differs between different settings."""
         data = self.data if isinstance(self.data, str) else type(self.data).__name__
-        return self._generate_state_key(
+        return state_key(
+            self,
             **self.schedule.describe(),
             data=data,
             num_batches=self.num_batches,
@@ -382,8 +285,8 @@ class HessianCallback(Callback):
         return {
             "history": [dict(entry) for entry in self.history],
             "last_step": self._last_step,
-            "fingerprint": self._fingerprint,
-            "num_batches": len(self._batches),
+            "fingerprint": self._batches.fingerprint,
+            "num_batches": len(self._batches.batches),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -394,17 +297,17 @@ class HessianCallback(Callback):
         """
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
         self._last_step = state_dict.get("last_step")
-        self._loaded_fingerprint = state_dict.get("fingerprint")
+        self._batches.expected_fingerprint = state_dict.get("fingerprint")
 
     @property
     def batches(self) -> list[Any]:
         """The batches evaluations run on (on the module's device); empty until captured."""
-        return list(self._batches)
+        return list(self._batches.batches)
 
     @property
     def batches_fingerprint(self) -> str | None:
         """SHA-256 fingerprint of :attr:`batches` once they are final, else ``None``."""
-        return self._fingerprint
+        return self._batches.fingerprint
 
     # ------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -417,6 +320,7 @@ class HessianCallback(Callback):
         """
         if stage != "fit":
             return
+        check_private_apis(trainer if self.data == "val" else None)
         sharded = _sharded_strategy(trainer.strategy)
         if sharded is not None:
             raise MisconfigurationException(
@@ -444,11 +348,7 @@ class HessianCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """With ``data="train"``, copy the first ``num_batches`` batches (already on the device)."""
-        if self.data != "train" or self._batches_final:
-            return
-        self._batches.append(detached_copy(batch))
-        if len(self._batches) >= (self.num_batches or 0):
-            self._finalize_batches()
+        self._batches.capture(batch)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -459,8 +359,8 @@ class HessianCallback(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Freeze the captured training batches; evaluate when the epoch is scheduled."""
-        if self.data == "train" and self._batches and not self._batches_final:
-            self._finalize_batches()
+        if self.data == "train":
+            self._batches.finalize()
         epoch = trainer.current_epoch
         if not self.schedule.epoch_due(epoch):
             return
@@ -476,47 +376,23 @@ class HessianCallback(Callback):
             self._evaluate(trainer, pl_module, "end")
 
     # ------------------------------------------------------------------------------------ work
-    def _finalize_batches(self) -> None:
-        self._batches_final = True
-        self._fingerprint = fingerprint(self._batches)
-        if self._loaded_fingerprint is not None and self._loaded_fingerprint != self._fingerprint:
-            rank_zero_warn(
-                "HessianCallback: the batches captured after resuming differ from those of the "
-                "checkpointed run, so curvature before and after the resume is measured on different "
-                "samples. For identical samples across resumes pass fixed batches (data=[...]) or "
-                "data='val' with an unshuffled validation dataloader.",
-                category=UserWarning,
-            )
-
     def _evaluation_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
-        if self.data == "train":
-            if not self._batches:
-                raise RuntimeError("no training batch has been captured yet")
-            if not self._batches_final:
-                self._warn_once(
-                    "partial",
-                    f"HessianCallback: evaluating at step {trainer.global_step} on the {len(self._batches)} "
-                    f"training batch(es) captured so far; later evaluations use all {self.num_batches}.",
-                )
-            return self._batches
-        if not self._batches_final:
-            devices = [pl_module.device]
-            loader = validation_loader(trainer) if self.data == "val" else self.data
-            raw = take_first(loader, self.num_batches, devices)
-            if not raw:
-                raise ValueError(f"HessianCallback: data={self.data!r} yielded no batch.")
-            with torch.no_grad():
-                self._batches = [to_module_device(trainer, b) for b in raw]
-            self._finalize_batches()
-        return self._batches
+        batches = self._batches.get(trainer, pl_module.device)
+        if not self._batches.final:
+            self._warn_once(
+                "partial",
+                f"HessianCallback: evaluating at step {trainer.global_step} on the {len(batches)} "
+                f"training batch(es) captured so far; later evaluations use all {self.num_batches}.",
+            )
+        return batches
 
     @contextlib.contextmanager
-    def _progress(self, trainer: pl.Trainer, epoch: int) -> Iterator[_ProgressBar | None]:
+    def _progress(self, trainer: pl.Trainer, epoch: int) -> Iterator[ProgressBar | None]:
         enabled = self.progress_bar and trainer.progress_bar_callback is not None and trainer.is_global_zero
         if not enabled:
             yield None
             return
-        bar = _ProgressBar(f"Hessian (epoch {epoch}, step {trainer.global_step})")
+        bar = ProgressBar(f"Hessian (epoch {epoch}, step {trainer.global_step})")
         try:
             yield bar
         finally:
@@ -570,24 +446,13 @@ class HessianCallback(Callback):
         self, trainer: pl.Trainer, module: pl.LightningModule, batches: list[Any], epoch: int
     ) -> HessianReport:
         with torch.inference_mode(False), torch.enable_grad(), self._progress(trainer, epoch) as progress:
-            report = analysis.analyze(
+            report = analyze_with(
                 module,
                 self.loss_fn,
                 batches,
-                params=self.params,
-                blocks=self.blocks,
-                top_k=self.top_k,
-                min_eigenvalue=self.min_eigenvalue,
-                trace=self.trace,
-                density=self.density,
-                method=self.method,
-                dense_limit=self.dense_limit,
-                mode=self.mode,
-                dtype=self.dtype,
-                seed=self.seed,
-                process_group=_process_group(trainer),
+                self.settings,
+                process_group=trainer_process_group(trainer),
                 progress=progress,
-                **self.analyze_kwargs,
             )
         _check_finite(report)
         return report
@@ -595,46 +460,23 @@ class HessianCallback(Callback):
     def _agree(
         self, trainer: pl.Trainer, error: BaseException | None, report: HessianReport | None = None
     ) -> tuple[BaseException | None, str]:
-        """Agree across ranks on whether a phase failed anywhere (one tiny all-reduce on every rank).
+        """Agree across ranks on whether a phase failed anywhere (one small all-reduce on every rank).
 
-        Args:
-            trainer: The running trainer (its strategy reduces the flag).
-            error: This rank's error in the phase, or ``None``.
-            report: This rank's report, if any: its ``seconds`` become the mean over ranks, so that
-                every logged value (and ``callback_metrics``) is identical on all ranks.
-
-        Returns:
-            ``(error, message)``: this rank's error, a :class:`RankFailedError` when only other ranks
-            failed, or ``None``; and the failures of every rank as one line, identical on all ranks.
+        ``report.seconds`` becomes the mean over ranks, so that every logged value (and
+        ``callback_metrics``) is identical on all ranks. Returns this rank's error (or the agreed
+        :class:`RankFailedError`) and the failures of every rank as one line, identical on all ranks.
         """
-        local = "" if error is None else f"{type(error).__name__}: {error}"
-        if trainer.world_size <= 1:
-            return error, local
         seconds = 0.0 if report is None else float(report.seconds)
-        flags = torch.tensor(
-            [0.0 if error is None else 1.0, seconds], dtype=torch.float32, device=trainer.strategy.root_device
+        agreement = agree_on_failure(
+            error,
+            trainer_process_group(trainer),
+            device=trainer.strategy.root_device,
+            values=[seconds],
+            what="the Hessian evaluation",
         )
-        flags = trainer.strategy.reduce(flags, reduce_op="sum")
-        failed = int(flags[0].item())
-        if failed == 0:
-            if report is not None:
-                report.seconds = float(flags[1]) / trainer.world_size
-            return None, ""
-        messages: list[str] = [local] * trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            messages = [""] * dist.get_world_size()
-            dist.all_gather_object(messages, local)
-        ranks_by_text: dict[str, list[str]] = {}
-        for rank, text in enumerate(messages):
-            if text:
-                ranks_by_text.setdefault(text, []).append(str(rank))
-        message = "; ".join(
-            f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}: {text}"
-            for text, ranks in ranks_by_text.items()
-        )
-        if error is None:
-            error = RankFailedError(f"the Hessian evaluation failed on {failed} other rank(s) ({message})")
-        return error, message
+        if agreement.failed_ranks == 0 and report is not None:
+            report.seconds = agreement.values[0] / trainer.world_size
+        return agreement.error, agreement.message
 
     def _skip(self, entry: dict[str, Any], error: BaseException, message: str) -> None:
         """Record a failed evaluation and warn (``on_error="warn"``), or raise it (``"raise"``)."""

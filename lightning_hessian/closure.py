@@ -7,18 +7,26 @@ BatchNorm running statistics are undone, and every random-number generator is re
 from __future__ import annotations
 
 import contextlib
-import random
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import fields, is_dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .batches import BatchSizeFn, infer_batch_size, prepare_batch
+from .state import (
+    batch_norm_without_running_stats,
+    differentiable_context,
+    preserved_module_state,
+    preserved_rng_state,
+    preserved_tensor_slots,
+    silenced_logging,
+)
+from .validation import check_callable, check_choice, check_dtype
+
 LossFn = Callable[[nn.Module, Any], Tensor]
-BatchSizeFn = Callable[[Any], int]
 MODES = ("eval", "train")
 _TRAIN_MODE_SEED = 0x1E55
 
@@ -29,91 +37,13 @@ def validate_mode(mode: str) -> str:
     Raises:
         ValueError: If ``mode`` is not ``"eval"`` or ``"train"``.
     """
-    if mode not in MODES:
-        raise ValueError(
-            f"`mode={mode!r}` is not supported. Use 'eval' (dropout off, BatchNorm running stats) "
-            "or 'train' (BatchNorm batch statistics; running stats are left untouched)."
-        )
-    return mode
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        items: Iterable[Any] = batch.values()
-    elif is_dataclass(batch) and not isinstance(batch, type):
-        items = (getattr(batch, f.name) for f in fields(batch))
-    elif isinstance(batch, list | tuple):
-        items = batch
-    else:
-        return None
-    for item in items:
-        found = _first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
-def infer_batch_size(batch: Any) -> int:
-    """Number of samples in a batch: the first dimension of the first tensor found in it.
-
-    Args:
-        batch: A tensor, or a (nested) tuple, list, dict or dataclass holding tensors.
-
-    Returns:
-        The batch size.
-
-    Raises:
-        ValueError: If the batch holds no tensor with a first dimension.
-
-    Example:
-        >>> infer_batch_size((torch.zeros(8, 3), torch.zeros(8)))
-        8
-    """
-    tensor = _first_tensor(batch)
-    if tensor is None or tensor.ndim == 0:
-        raise ValueError(
-            f"Cannot infer the size of a batch of type {type(batch).__name__}: it holds no tensor "
-            "with a batch dimension. Pass `batch_size_fn=lambda batch: <number of samples>`."
-        )
-    return int(tensor.shape[0])
-
-
-def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(batch, Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _map_tensors(v, fn) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_map_tensors(v, fn) for v in batch))
-    if isinstance(batch, list | tuple):
-        return type(batch)(_map_tensors(v, fn) for v in batch)
-    return batch
-
-
-def prepare_batch(batch: Any, dtype: torch.dtype | None = None) -> Any:
-    """Make a batch usable for differentiation: floating tensors cast to ``dtype``, and tensors
-    created under ``torch.inference_mode`` copied into normal tensors (autograd cannot save those).
-
-    Args:
-        batch: A tensor or nested container of tensors.
-        dtype: Floating dtype to cast floating tensors to, or ``None`` to keep them.
-
-    Returns:
-        The batch with the same structure.
-    """
-
-    def convert(t: Tensor) -> Tensor:
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        if t.is_inference():
-            with torch.inference_mode(False):
-                t = t.clone()
-        return t
-
-    with torch.inference_mode(False):
-        return _map_tensors(batch, convert)
+    return check_choice(
+        "mode",
+        mode,
+        MODES,
+        "Use 'eval' (dropout off, BatchNorm running stats) or 'train' (BatchNorm batch statistics; "
+        "running stats are left untouched).",
+    )
 
 
 def lightning_training_step_loss(module: nn.Module, batch: Any, batch_idx: int = 0) -> Tensor:
@@ -143,21 +73,6 @@ def lightning_training_step_loss(module: nn.Module, batch: Any, batch_idx: int =
     return out
 
 
-@contextlib.contextmanager
-def silenced_logging(module: nn.Module) -> Iterator[None]:
-    """Temporarily replace ``module.log`` and ``module.log_dict`` with no-ops."""
-    saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
-    module.__dict__["log"] = module.__dict__["log_dict"] = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = value
-
-
 def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
     """Return ``loss_fn``, or the LightningModule's ``training_step`` when it is ``None``.
 
@@ -166,9 +81,7 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
             module uses manual optimization.
     """
     if loss_fn is not None:
-        if not callable(loss_fn):
-            raise TypeError(f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}.")
-        return loss_fn
+        return check_callable("loss_fn", loss_fn, "loss_fn(module, batch)")
     if not callable(getattr(model, "training_step", None)):
         raise TypeError(
             f"`loss_fn` is required for a {type(model).__name__}: pass "
@@ -180,101 +93,6 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
             "the loss: pass `loss_fn=lambda module, batch: ...` computing the loss."
         )
     return lightning_training_step_loss
-
-
-@contextlib.contextmanager
-def preserved_rng_state(devices: Sequence[torch.device] = ()) -> Iterator[None]:
-    """Restore Python's, NumPy's (if imported) and torch's CPU/CUDA generators on exit."""
-    python_state = random.getstate()
-    numpy_random = _numpy_random()
-    numpy_state = numpy_random.get_state() if numpy_random is not None else None
-    cuda_devices = [d for d in devices if d.type == "cuda"]
-    with torch.random.fork_rng(devices=cuda_devices, enabled=True):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            if numpy_random is not None:
-                numpy_random.set_state(numpy_state)
-
-
-def _numpy_random() -> Any:
-    import sys
-
-    numpy = sys.modules.get("numpy")
-    return getattr(numpy, "random", None)
-
-
-@contextlib.contextmanager
-def preserved_module_state(module: nn.Module) -> Iterator[None]:
-    """Restore training flags, buffers (values and identity) and ``.grad`` of every submodule."""
-    flags = [(m, m.training) for m in module.modules()]
-    buffers = [(b, b.detach().clone()) for b in module.buffers() if b is not None]
-    grads = [(p, p.grad) for p in module.parameters()]
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                if not torch.equal(buffer, saved):
-                    buffer.copy_(saved)
-        for p, grad in grads:
-            p.grad = grad
-
-
-@contextlib.contextmanager
-def preserved_tensor_slots(module: nn.Module) -> Iterator[None]:
-    """Put every submodule's own parameter and buffer objects back on exit.
-
-    ``functional_call`` in torch 2.13 leaves the swapped-in tensors on the module for parameters that
-    are tied (one tensor registered under two names); restoring the slots keeps the module's identity.
-    """
-    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, parameters, buffers in slots:
-            for name, tensor in parameters.items():
-                if m._parameters.get(name) is not tensor:
-                    m._parameters[name] = tensor
-            for name, tensor in buffers.items():
-                if m._buffers.get(name) is not tensor:
-                    m._buffers[name] = tensor
-
-
-@contextlib.contextmanager
-def _batch_norm_without_running_stats(module: nn.Module) -> Iterator[None]:
-    """In train mode, make BatchNorm use batch statistics without updating running statistics."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.track_running_stats for m in norms]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m, flag in zip(norms, saved, strict=True):
-            m.track_running_stats = flag
-
-
-@contextlib.contextmanager
-def differentiable_context(device: torch.device) -> Iterator[None]:
-    """Grad on, inference mode off, autocast off, and the attention kernel that every AD mode supports.
-
-    The fused CPU/GPU kernels behind ``scaled_dot_product_attention`` have no double-backward or
-    forward-mode formulas; the math backend is composite and differentiates any number of times.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(torch.autocast("cpu", enabled=False))
-        if device.type == "cuda" or torch.cuda.is_available():
-            stack.enter_context(torch.autocast("cuda", enabled=False))
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        yield
 
 
 class _LossModule(nn.Module):
@@ -327,12 +145,13 @@ class LossClosure:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         self.mode = validate_mode(mode)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
+        dtype = check_dtype("dtype", dtype)
         self.model = model
         self.loss_fn = resolve_loss_fn(model, loss_fn)
         self.dtype = dtype
         self.batches = self._materialize(data, dtype)
+        if batch_size_fn is not None:
+            check_callable("batch_size_fn", batch_size_fn, "batch_size_fn(batch) -> number of samples")
         size_fn = batch_size_fn or infer_batch_size
         self.batch_sizes = [int(size_fn(b)) for b in self.batches]
         if any(n <= 0 for n in self.batch_sizes):
@@ -384,7 +203,7 @@ class LossClosure:
             stack.enter_context(preserved_module_state(self.model))
             self.model.train(self.mode == "train")
             if self.mode == "train":
-                stack.enter_context(_batch_norm_without_running_stats(self.model))
+                stack.enter_context(batch_norm_without_running_stats(self.model))
             stack.enter_context(differentiable_context(self.device))
             yield
 

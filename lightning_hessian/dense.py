@@ -1,27 +1,52 @@
-"""Exact dense Hessians (whole selection or diagonal blocks), built column chunk by column chunk."""
+"""Materialize a Hessian operator as an exact dense matrix, chunk by chunk, memory checked first.
+
+Works on any operator with the :class:`BlockProductOperator` methods (``HessianOperator`` has them):
+it needs products restricted to parameter subsets, so that only one triangle is computed.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from .closure import BatchSizeFn, LossFn
-from .errors import NonFiniteHessianError
+from .distributed import agree_on_failure, all_reduce_or_raise
+from .errors import HessianTooLargeError, NonFiniteHessianError
 from .memory import GIB, available_memory
-from .operator import _BLOCK_SELECTION_MIN_COLUMNS, HessianOperator
-from .parameters import BlocksSpec, Patterns, resolve_blocks
+from .parameters import ParameterSpace
 
-_TRANSPOSE_TILE = 128  # measured: 64-256 copy a transposed chunk 2-3x faster than one strided copy
+_TRANSPOSE_TILE = 128  # square tiles of a transposed copy; see _copy_transposed_
 _WORKSPACE_COLUMNS = 3  # matmat's input, output and transposed copies of one chunk
 
 
-class HessianTooLargeError(MemoryError):
-    """A dense Hessian would not fit in the memory the device has free."""
+class BlockProductOperator(Protocol):
+    """What :func:`dense_from_operator` needs of an operator."""
+
+    space: ParameterSpace
+    process_group: Any
+
+    @property
+    def shape(self) -> tuple[int, int]: ...  # noqa: D102
+
+    @property
+    def dtype(self) -> torch.dtype: ...  # noqa: D102
+
+    @property
+    def device(self) -> torch.device: ...  # noqa: D102
+
+    def chunk_columns(self) -> int: ...  # noqa: D102
+
+    def block_products(  # noqa: D102
+        self,
+        rows: Tensor,
+        support: Sequence[str] | None = None,
+        targets: Sequence[str] | None = None,
+        *,
+        out: Tensor | None = None,
+    ) -> Tensor: ...
 
 
 def dense_memory_bytes(sizes: Iterable[int], dtype: torch.dtype, chunk: int = 0) -> int:
@@ -66,8 +91,10 @@ def check_dense_fits(sizes: Iterable[int], dtype: torch.dtype, device: torch.dev
 
 
 def _copy_transposed_(destination: Tensor, source: Tensor, tile: int = _TRANSPOSE_TILE) -> None:
-    """``destination[...] = source.T`` in square tiles: a plain strided transposed copy of a few
-    hundred rows of a large matrix is several times slower (each element a cache miss).
+    """``destination[...] = source.T`` in square tiles.
+
+    A plain strided transposed copy of a few hundred rows of a large matrix is several times slower
+    (each element a cache miss); tiles of 64-256 keep both sides in cache.
     """
     rows, columns = destination.shape
     for i in range(0, rows, tile):
@@ -75,7 +102,7 @@ def _copy_transposed_(destination: Tensor, source: Tensor, tile: int = _TRANSPOS
             destination[i : i + tile, j : j + tile] = source[j : j + tile, i : i + tile].T
 
 
-def agreed_dense_check(op: HessianOperator, sizes: Iterable[int], chunk: int = 0) -> int:
+def agreed_dense_check(op: BlockProductOperator, sizes: Iterable[int], chunk: int = 0) -> int:
     """:func:`check_dense_fits` on every rank, agreed: all ranks raise if any lacks the memory.
 
     Under a process group the chunk width is agreed too (the smallest of the ranks'), so every
@@ -97,21 +124,17 @@ def agreed_dense_check(op: HessianOperator, sizes: Iterable[int], chunk: int = 0
         check_dense_fits(sizes, op.dtype, op.device, chunk)
     except HessianTooLargeError as error:
         failure = error
-    if op.process_group is not None:
-        flags = torch.tensor([failure is not None, -chunk], dtype=torch.float64, device=op._reduce_device())
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=op.process_group)
-        if failure is None and flags[0] > 0:
-            raise HessianTooLargeError(
-                "Another rank does not have the memory for the dense Hessian; use `blocks=`, `params=` "
-                "or the matrix-free estimators."
-            )
-        chunk = int(-flags[1])
-    if failure is not None:
-        raise failure
-    return chunk
+    agreement = agree_on_failure(failure, op.process_group, device=op.device, values=[-chunk], op="max")
+    if agreement.failed_ranks and failure is None:
+        raise HessianTooLargeError(
+            "Another rank does not have the memory for the dense Hessian; use `blocks=`, `params=` "
+            "or the matrix-free estimators."
+        )
+    agreement.raise_error()
+    return int(-agreement.values[0])
 
 
-def dense_from_operator(op: HessianOperator, chunk_size: int | None = None) -> Tensor:
+def dense_from_operator(op: BlockProductOperator, chunk_size: int | None = None) -> Tensor:
     """Materialize an operator as a dense symmetric matrix.
 
     Only the upper triangle is computed: the columns of each parameter tensor are multiplied out
@@ -132,7 +155,7 @@ def dense_from_operator(op: HessianOperator, chunk_size: int | None = None) -> T
         HessianTooLargeError: If it does not fit in free memory (checked before allocating).
     """
     n = op.shape[0]
-    chunk = agreed_dense_check(op, [n], min(n, chunk_size or op._chunk_size()))
+    chunk = agreed_dense_check(op, [n], min(n, chunk_size or op.chunk_columns()))
     matrix = torch.empty(n, n, dtype=op.dtype, device=op.device)
     names, slices = op.space.names, op.space.slices()
     for k, name in enumerate(names):
@@ -146,8 +169,6 @@ def dense_from_operator(op: HessianOperator, chunk_size: int | None = None) -> T
             stop = min(size, start + width)
             rows, unit = basis[: stop - start], diagonal[: stop - start]
             rows[unit, unit + start] = 1
-            if start == 0 and size >= _BLOCK_SELECTION_MIN_COLUMNS:
-                op._choose_block_method(rows, support, targets)
             low, high = first + start, first + stop
             destination = matrix[low:high, first:]  # rows = columns by symmetry
             if op.process_group is None:
@@ -156,7 +177,10 @@ def dense_from_operator(op: HessianOperator, chunk_size: int | None = None) -> T
                     raise NonFiniteHessianError("The dense Hessian has NaN or infinite entries.")
             else:  # every rank computes these columns on its batches; the sum is the union's Hessian
                 local = partial(op.block_products, rows, support, targets)
-                destination.copy_(op.agreed_all_reduce(local, destination.shape))
+                summed = all_reduce_or_raise(
+                    local, op.process_group, shape=destination.shape, dtype=op.dtype, device=op.device
+                )
+                destination.copy_(summed)
             rows[unit, unit + start] = 0
             # Exact symmetry inside the diagonal block: the upper triangle computed so far wins.
             _copy_transposed_(matrix[low:high, first:low], matrix[first:low, low:high])
@@ -166,71 +190,3 @@ def dense_from_operator(op: HessianOperator, chunk_size: int | None = None) -> T
         rest = slice(first + size, n)
         _copy_transposed_(matrix[rest, first : first + size], matrix[first : first + size, rest])
     return matrix
-
-
-def hessian(
-    model: nn.Module,
-    loss_fn: LossFn | None,
-    data: Iterable[Any],
-    *,
-    params: Patterns = None,
-    blocks: BlocksSpec = None,
-    mode: str = "eval",
-    dtype: torch.dtype | None = None,
-    batch_size_fn: BatchSizeFn | None = None,
-    hvp: str = "auto",
-    chunk_size: int | None = None,
-) -> Tensor | dict[str, Tensor]:
-    """The exact Hessian of the size-weighted mean loss over ``data`` w.r.t. the model's parameters.
-
-    Args:
-        model: Any ``nn.Module``; never modified.
-        loss_fn: ``loss_fn(module, batch) -> scalar``; call ``module`` as usual. ``None`` uses a
-            LightningModule's ``training_step``.
-        data: Iterable of batches (list or DataLoader).
-        params: Glob pattern(s) on parameter names; default all trainable parameters.
-        blocks: ``None``/``"model"`` for the full matrix; ``"module"``, ``"parameter"`` or a mapping
-            ``name -> patterns`` for a dict of diagonal blocks, computed without the full matrix.
-        mode: ``"eval"`` (default) or ``"train"``.
-        dtype: Compute dtype, e.g. ``torch.float64``.
-        batch_size_fn: ``batch -> number of samples`` for batches whose size cannot be inferred.
-        hvp: Hessian-vector product method (see :class:`HessianOperator`).
-        chunk_size: Columns per batched product (default: sized from free memory).
-
-    Returns:
-        ``[N, N]`` in the flat order of ``named_parameters()``, or ``{block name: [n_b, n_b]}``.
-
-    Raises:
-        ValueError: For bad arguments (checked on the first batch before heavy work).
-        HessianTooLargeError: If the result does not fit in free memory, before allocating it.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-        >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
-        >>> H = hessian(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [batch])
-        >>> H.shape
-        torch.Size([26, 26])
-    """
-    full = HessianOperator(
-        model,
-        loss_fn,
-        data,
-        params=params,
-        mode=mode,
-        dtype=dtype,
-        batch_size_fn=batch_size_fn,
-        hvp=hvp,
-        chunk_size=chunk_size,
-        cache_graphs=blocks in (None, "model"),
-    )
-    groups = resolve_blocks(full.space.names, blocks)
-    if blocks is None or blocks == "model":
-        return dense_from_operator(full, chunk_size)
-    sizes = {name: full.space.subspace(names).numel for name, names in groups.items()}
-    agreed_dense_check(full, sizes.values())
-    result = {}
-    for name, names in groups.items():
-        block = full.restrict(names)
-        result[name] = dense_from_operator(block, chunk_size)
-        block.release_graphs()
-    return result

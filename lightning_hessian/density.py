@@ -1,7 +1,7 @@
 """Eigenvalue density of a symmetric operator by stochastic Lanczos quadrature (SLQ).
 
 The ``p`` Rademacher probes are orthonormalized into a block ``S`` and ``num_steps`` steps of block
-Lanczos with full reorthogonalization (:class:`~lightning_hessian.lanczos.KrylovBasis`) build the block
+Lanczos with full reorthogonalization (:class:`~lightning_hessian.krylov.KrylovBasis`) build the block
 Krylov space ``K = span{S, A S, ..., A^(s-1) S}`` of dimension up to ``p * num_steps``. With the Ritz
 pairs ``(theta_i, x_i)`` of ``A`` on ``K``, the Gauss quadrature ``sum_i f(theta_i) ||S^T x_i||^2``
 approximates ``tr(S^T f(A) S)``, and ``E[S S^T] = (p / N) I`` for probes whose distribution is invariant
@@ -25,16 +25,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .lanczos import KrylovBasis
-from .linear_operator import (
-    SymmetricOperator,
-    check_int,
-    dense_matrix,
-    make_generator,
-    operator_size,
-)
+from .krylov import KrylovBasis
+from .linear_operator import SymmetricOperator, dense_matrix, operator_size
+from .probes import make_generator, rademacher
 from .results import SpectralDensity
-from .trace import rademacher
+from .validation import check_int
 
 #: Memory allowed for the Lanczos bases of one group of probes.
 BASIS_BYTES = 2**30

@@ -13,3 +13,7 @@ class NonFiniteHessianError(FloatingPointError):
 
 class RankFailedError(RuntimeError):
     """Another rank of the process group failed, so this rank stops at the same point."""
+
+
+class HessianTooLargeError(MemoryError):
+    """A dense Hessian would not fit in the memory the device has free (checked before allocating)."""

@@ -1,16 +1,9 @@
 """Extreme eigenvalues of a symmetric operator: Lanczos with full reorthogonalization.
 
-The method grows one orthonormal Krylov basis ``Q`` (in the operator's dtype, on its device) and keeps
-the projection ``H = Q^T A Q`` (float64; tridiagonal for plain Lanczos, banded once blocks or fresh start
-vectors enter) together with the pending residual directions ``P`` and their couplings ``C``, so that
-``A Q = Q H + P C`` holds to rounding at every step. Ritz pairs come from ``torch.linalg.eigh(H)`` in
-float64, and the residual of a Ritz pair ``(theta, Q y)`` is the exact ``||C y||`` (the pending
-directions are orthonormal), so convergence is judged on true residuals, never on the change of a value.
+The Krylov basis, its float64 projection and the exact residuals of its Ritz pairs are kept by
+:class:`~lightning_hessian.krylov.KrylovBasis`; this module decides when to stop and what to return.
+Convergence is judged on true residuals, never on the change of a value.
 
-- Every new vector is orthogonalized twice (classical Gram-Schmidt) against the whole basis, so there
-  are no ghost copies of converged values.
-- When the Krylov space becomes invariant (breakdown) a fresh random vector orthogonal to everything
-  so far continues the basis, so the space can reach ``N``, where the results are exact.
 - Single-vector Lanczos sees one vector per eigenspace. For ``k`` greater than the block size, once the
   ``k`` wanted values have converged a fresh random chain orthogonal to the basis is started and run on
   its own (the compression of ``A`` to the unexplored space). A value it finds beyond the ``k``-th
@@ -23,15 +16,16 @@ directions are orthonormal), so convergence is judged on true residuals, never o
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .linear_operator import SymmetricOperator, check_int, make_generator, operator_size
+from .krylov import KrylovBasis, Ritz
+from .linear_operator import SymmetricOperator, operator_size
+from .probes import make_generator
 from .results import EigenResult
+from .validation import check_choice, check_int, check_positive_float
 
 WHICH = ("largest", "smallest")
 #: Default memory for the Krylov basis before thick restarts set in.
@@ -47,228 +41,6 @@ class HessianConvergenceWarning(UserWarning):
     """An iterative estimate used up its product budget before reaching its tolerance."""
 
 
-@dataclass
-class _Pending:
-    """A residual direction not yet multiplied by the operator.
-
-    Attributes:
-        vec: ``[N]`` unit vector, orthogonal to the basis and to the other pending vectors.
-        coupling: ``[capacity]`` float64: the component of ``A q_j`` along ``vec`` for each basis
-            column ``j`` (zero for columns whose product it does not touch).
-        chain: Id of the start vector whose Krylov sequence produced it.
-    """
-
-    vec: Tensor
-    coupling: Tensor
-    chain: int
-
-
-@dataclass
-class _Ritz:
-    """Ritz pairs of the current basis: ascending ``values``, ``coords`` (columns), ``residuals``."""
-
-    values: Tensor
-    coords: Tensor
-    residuals: Tensor
-
-
-class KrylovBasis:
-    """Orthonormal basis ``Q``, projection ``H`` and pending directions with ``A Q = Q H + P C``.
-
-    Args:
-        op: The symmetric operator.
-        n: Its side length.
-        capacity: Most basis vectors held at once.
-        generator: Source of fresh random start vectors.
-    """
-
-    def __init__(self, op: SymmetricOperator, n: int, capacity: int, generator: torch.Generator) -> None:
-        self.op = op
-        self.n = n
-        self.capacity = capacity
-        self.dtype = op.dtype if op.dtype.is_floating_point else torch.float32
-        self.device = torch.device(op.device)
-        self.eps = torch.finfo(self.dtype).eps
-        self.generator = generator
-        self.basis = torch.empty(n, capacity, dtype=self.dtype, device=self.device)
-        self.proj = torch.zeros(capacity, capacity, dtype=torch.float64, device=self.device)
-        self.chain_of = [-1] * capacity
-        self.pending: list[_Pending] = []
-        self.m = 0
-        self.num_chains = 0
-        self.num_matvecs = 0
-
-    # -- orthogonalization ------------------------------------------------------------------------
-    def _project_out(self, block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Orthogonalize ``block`` ``[N, b]`` twice against the basis and the pending vectors.
-
-        Returns:
-            ``(remainder, basis_coefficients [m, b], pending_coefficients [p, b])`` (float64).
-        """
-        q = self.basis[:, : self.m]
-        p = torch.stack([item.vec for item in self.pending], 1) if self.pending else None
-        cq = torch.zeros(self.m, block.shape[1], dtype=torch.float64, device=self.device)
-        cp = torch.zeros(len(self.pending), block.shape[1], dtype=torch.float64, device=self.device)
-        for _ in range(2):
-            if self.m:
-                c = q.T @ block
-                block = block - q @ c
-                cq += c.double()
-            if p is not None:
-                c = p.T @ block
-                block = block - p @ c
-                cp += c.double()
-        return block, cq, cp
-
-    def inject(self) -> bool:
-        """Append a fresh random pending vector orthogonal to everything so far (a new chain).
-
-        Returns:
-            False when the basis and the pending vectors already span the whole space.
-        """
-        if self.m + len(self.pending) >= self.n:
-            return False
-        z = torch.randn(self.n, 1, generator=self.generator, dtype=self.dtype, device=self.device)
-        return self.start(z) == 1
-
-    def start(self, vectors: Tensor) -> int:
-        """Append the columns of ``vectors`` ``[N, b]`` as new chains, orthonormalized against everything.
-
-        Returns:
-            How many columns were kept (a column already in the span is dropped).
-        """
-        kept = 0
-        for j in range(vectors.shape[1]):
-            if self.m + len(self.pending) >= self.n:
-                break
-            z = vectors[:, j : j + 1].to(self.dtype)
-            norm0 = float(z.norm())
-            z, _, _ = self._project_out(z)
-            norm = float(z.norm())
-            if not norm > 10 * self.eps * math.sqrt(self.m + len(self.pending) + 1) * norm0:
-                continue
-            coupling = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
-            self.pending.append(_Pending(z[:, 0] / norm, coupling, self.num_chains))
-            self.num_chains += 1
-            kept += 1
-        return kept
-
-    # -- one (block) Lanczos step -----------------------------------------------------------------
-    def step(self, indices: list[int]) -> None:
-        """Move the pending vectors at ``indices`` into the basis and multiply them by ``A``."""
-        taken = set(indices)
-        chosen = [self.pending[i] for i in indices]
-        self.pending = [item for i, item in enumerate(self.pending) if i not in taken]
-        m0, b = self.m, len(chosen)
-        m1 = m0 + b
-        for j, item in enumerate(chosen):
-            self.basis[:, m0 + j] = item.vec
-            self.proj[m0 + j, :m0] = item.coupling[:m0]
-            self.chain_of[m0 + j] = item.chain
-        self.m = m1
-        # A single vector goes as a contiguous [N] vector: operators multiply those fastest.
-        block = self.basis[:, m0] if b == 1 else self.basis[:, m0:m1]
-        products = (self.op @ block.contiguous()).to(self.dtype).reshape(self.n, b)
-        self.num_matvecs += b
-        norms = products.norm(dim=0).double()
-        residual, cq, cp = self._project_out(products)
-        # Columns from the product; rows [m0:m1, :m0] averaged with the couplings (same numbers in
-        # exact arithmetic) to keep H symmetric.
-        rows = 0.5 * (self.proj[m0:m1, :m0] + cq[:m0].T)
-        self.proj[m0:m1, :m0] = rows
-        self.proj[:m0, m0:m1] = rows.T
-        diag = cq[m0:m1]
-        self.proj[m0:m1, m0:m1] = 0.5 * (diag + diag.T)
-        for r, item in enumerate(self.pending):
-            item.coupling[m0:m1] = cp[r]
-        self._add_residuals(residual, norms, m0, [item.chain for item in chosen])
-
-    def _add_residuals(self, residual: Tensor, norms: Tensor, m0: int, chains: list[int]) -> None:
-        """Orthonormalize the new residual columns among themselves, dropping negligible ones."""
-        accepted: list[_Pending] = []
-        for j in range(residual.shape[1]):
-            w = residual[:, j]
-            for _ in range(2):
-                for item in accepted:
-                    c = torch.dot(item.vec, w)
-                    w = w - c * item.vec
-                    item.coupling[m0 + j] += float(c)
-            beta = float(w.norm())
-            if beta <= 10 * self.eps * math.sqrt(self.m + 1) * float(norms[j]) or beta == 0.0:
-                continue  # A q_j lies in the span: deflate this direction
-            coupling = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
-            coupling[m0 + j] = beta
-            accepted.append(_Pending(w / beta, coupling, chains[j]))
-        self.pending.extend(accepted)
-
-    # -- Rayleigh-Ritz ----------------------------------------------------------------------------
-    def ritz(self, columns: Tensor | None = None) -> _Ritz:
-        """Ritz pairs of the basis (or of the sub-basis ``columns``), with exact residual norms."""
-        h = self.proj[: self.m, : self.m]
-        if columns is not None:
-            h = h[columns][:, columns]
-        values, coords = torch.linalg.eigh(h)
-        if columns is not None:
-            full = torch.zeros(self.m, coords.shape[1], dtype=torch.float64, device=self.device)
-            full[columns] = coords
-            coords = full
-            inside = self.proj[: self.m, : self.m] @ coords - coords * values
-            res2 = inside.pow(2).sum(0)
-        else:
-            res2 = torch.zeros_like(values)
-        if self.pending:
-            couplings = torch.stack([item.coupling[: self.m] for item in self.pending])
-            res2 = res2 + (couplings @ coords).pow(2).sum(0)
-        return _Ritz(values, coords, res2.sqrt())
-
-    def chain_ritz(self, chain: int | None) -> tuple[_Ritz | None, int, bool]:
-        """Ritz pairs of one chain's columns in the compression to their own span.
-
-        Residuals count only the chain's own pending directions (the compression of ``A`` to the
-        complement of all other vectors).
-
-        Returns:
-            ``(ritz or None when the chain has no column yet, number of columns, pending left)``.
-        """
-        cols = [j for j in range(self.m) if self.chain_of[j] == chain]
-        own = [item for item in self.pending if item.chain == chain]
-        if not cols:
-            return None, 0, bool(own)
-        index = torch.tensor(cols, device=self.device)
-        values, coords = torch.linalg.eigh(self.proj[index][:, index])
-        res = torch.zeros_like(values)
-        if own:
-            couplings = torch.stack([item.coupling[index] for item in own])
-            res = (couplings @ coords).norm(dim=0)
-        return _Ritz(values, coords, res), len(cols), bool(own)
-
-    def vectors(self, coords: Tensor) -> Tensor:
-        """Unit Ritz vectors ``Q y`` for the coordinate columns ``coords``."""
-        x = self.basis[:, : self.m] @ coords.to(self.dtype)
-        return x / x.norm(dim=0, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
-
-    def restart(self, keep: Tensor, ritz: _Ritz) -> None:
-        """Thick restart: keep only the Ritz vectors ``keep`` (indices into ``ritz``)."""
-        coords = ritz.coords[:, keep]
-        r = coords.shape[1]
-        kept = self.basis[:, : self.m] @ coords.to(self.dtype)
-        chain_ids = torch.tensor(self.chain_of[: self.m], device=self.device)
-        owners = []
-        for col in range(r):
-            mass = coords[:, col].pow(2)
-            ids = chain_ids.unique()
-            owners.append(int(ids[torch.stack([mass[chain_ids == i].sum() for i in ids]).argmax()]))
-        self.basis[:, :r] = kept
-        self.proj.zero_()
-        self.proj[:r, :r] = torch.diag(ritz.values[keep])
-        for item in self.pending:
-            c = item.coupling[: self.m] @ coords
-            item.coupling.zero_()
-            item.coupling[:r] = c
-        self.chain_of = owners + [-1] * (self.capacity - r)
-        self.m = r
-
-
 def _validate(
     n: int,
     k: object,
@@ -282,12 +54,8 @@ def _validate(
     k = check_int("k", k, 1, "Ask for at least one eigenvalue, e.g. k=1.")
     if k > n:
         raise ValueError(f"`k` must be <= N = {n} (the operator's size), got k={k}.")
-    if which not in WHICH:
-        raise ValueError(f"`which` must be 'largest' or 'smallest', got {which!r}.")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or not tol > 0:
-        raise ValueError(
-            f"`tol` must be a positive finite number (relative residual, e.g. 1e-4), got {tol!r}."
-        )
+    check_choice("which", which, WHICH)
+    tol = check_positive_float("tol", tol, "It is a relative residual, e.g. tol=1e-4.")
     block = check_int("block_size", block_size, 1, "Use block_size=1 for plain Lanczos.")
     block = min(block, n)
     if max_matvecs is None:
@@ -358,16 +126,16 @@ class _Search:
         self.reference = 0.0
         self.done = False
 
-    def wanted(self, ritz: _Ritz) -> Tensor:
+    def wanted(self, ritz: Ritz) -> Tensor:
         """Indices of the ``k`` Ritz values at the wanted end, best first."""
         order = torch.argsort(self.sign * ritz.values, descending=True)
         return order[: self.k]
 
-    def threshold(self, ritz: _Ritz) -> float:
+    def threshold(self, ritz: Ritz) -> float:
         """Absolute residual tolerance: ``tol * max |Ritz value|``."""
         return self.tol * float(ritz.values.abs().max()) if ritz.values.numel() else 0.0
 
-    def converged(self, ritz: _Ritz, thr: float) -> bool:
+    def converged(self, ritz: Ritz, thr: float) -> bool:
         """Whether the ``k`` wanted values all have residuals within ``thr``."""
         wanted = self.wanted(ritz)
         return wanted.numel() >= self.k and bool((ritz.residuals[wanted] <= thr).all())

@@ -3,11 +3,11 @@
 Estimators only need ``op @ v`` for a vector ``[N]``, ``op @ V`` for a matrix ``[N, m]``, and
 ``shape``/``dtype``/``device``. :class:`~lightning_hessian.HessianOperator` satisfies it, and so does
 :class:`MatrixOperator`, which wraps an explicit symmetric matrix (for tests and synthetic spectra).
+The helpers here multiply any such operator in column chunks or materialize it densely.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -177,46 +177,3 @@ def dense_matrix(op: SymmetricOperator, chunk_size: int | None = None) -> tuple[
         eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
         matrix[:, start:stop] = op @ eye
     return matrix, n
-
-
-def make_generator(device: torch.device | str, seed: int) -> torch.Generator:
-    """A private random generator on ``device`` seeded with ``seed`` (the global RNG is untouched).
-
-    Args:
-        device: Device the random numbers are drawn on.
-        seed: Integer seed.
-
-    Returns:
-        A seeded :class:`torch.Generator`.
-
-    Raises:
-        TypeError: If ``seed`` is not an integer.
-    """
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"`seed` must be an integer, got {seed!r}.")
-    generator = torch.Generator(device=torch.device(device))
-    generator.manual_seed(int(seed))
-    return generator
-
-
-def check_int(name: str, value: object, minimum: int, hint: str = "") -> int:
-    """Validate an integer argument.
-
-    Args:
-        name: Argument name for the message.
-        value: The value passed.
-        minimum: Smallest allowed value.
-        hint: Extra advice appended to the message.
-
-    Returns:
-        ``value`` as an ``int``.
-
-    Raises:
-        TypeError: If ``value`` is not an integer.
-        ValueError: If ``value < minimum``.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer, got {value!r}.{' ' + hint if hint else ''}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.{' ' + hint if hint else ''}")
-    return int(value)

@@ -7,11 +7,13 @@ row-major. A parameter shared by two modules appears once (``named_parameters`` 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .validation import check_choice, check_patterns
 
 Patterns = str | Sequence[str] | None
 BlocksSpec = str | Mapping[str, str | Sequence[str]] | None
@@ -20,18 +22,41 @@ BLOCK_KINDS = ("model", "module", "parameter")
 ROOT_MODULE_NAME = "root"
 
 
-def _as_patterns(patterns: str | Sequence[str], argument: str) -> tuple[str, ...]:
-    if isinstance(patterns, str):
-        return (patterns,)
-    if not isinstance(patterns, Iterable) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(
-            f"`{argument}` must be a glob pattern or a list of glob patterns on parameter names "
-            f"(e.g. ['conv1.*', 'fc.weight']), got {patterns!r}."
-        )
-    patterns = tuple(patterns)
-    if not patterns:
-        raise ValueError(f"`{argument}` is an empty list; pass None to select every parameter.")
-    return patterns
+def check_blocks(blocks: object) -> BlocksSpec:
+    """Check a ``blocks=`` argument's form (which parameters it matches is checked by :func:`resolve_blocks`).
+
+    Args:
+        blocks: ``None``, one of :data:`BLOCK_KINDS`, or a non-empty mapping ``block name -> pattern(s)``.
+
+    Returns:
+        ``blocks``.
+
+    Raises:
+        TypeError: For a value of the wrong type (or a mapping with non-string names or patterns).
+        ValueError: For an unknown kind or an empty mapping.
+
+    Example:
+        >>> check_blocks({"features": "features.*"})
+        {'features': 'features.*'}
+    """
+    fix = (
+        "Use None or 'model' (whole selection), 'module', 'parameter', or a mapping "
+        "{block name: glob pattern(s)}."
+    )
+    if blocks is None:
+        return None
+    if isinstance(blocks, str):
+        check_choice("blocks", blocks, BLOCK_KINDS, fix)
+        return blocks
+    if not isinstance(blocks, Mapping):
+        raise TypeError(f"`blocks` must be None, a string or a mapping, got {type(blocks).__name__}. {fix}")
+    if not blocks:
+        raise ValueError(f"`blocks` is an empty mapping. {fix}")
+    for name, patterns in blocks.items():
+        if not isinstance(name, str):
+            raise TypeError(f"`blocks` keys must be block names (strings), got {name!r}.")
+        check_patterns(f"blocks[{name!r}]", patterns)
+    return blocks
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -50,6 +75,7 @@ def select_parameters(model: nn.Module, params: Patterns = None) -> dict[str, nn
         (``requires_grad=False``) are never selected; shared parameters appear once.
 
     Raises:
+        TypeError: If ``model`` is not an ``nn.Module``, or ``params`` not pattern(s).
         ValueError: If nothing is selected, naming the available parameters.
 
     Example:
@@ -57,11 +83,13 @@ def select_parameters(model: nn.Module, params: Patterns = None) -> dict[str, nn
         >>> list(select_parameters(model, "0.*"))
         ['0.weight', '0.bias']
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if params is None:
         selected = trainable
     else:
-        patterns = _as_patterns(params, "params")
+        patterns = check_patterns("params", params)
         selected = {n: p for n, p in trainable.items() if _matches(n, patterns)}
     if not selected:
         available = ", ".join(list(trainable)[:12]) or "none"
@@ -98,29 +126,20 @@ def resolve_blocks(names: Sequence[str], blocks: BlocksSpec) -> dict[str, tuple[
         >>> resolve_blocks(["0.weight", "0.bias", "1.weight"], "module")
         {'0': ('0.weight', '0.bias'), '1': ('1.weight',)}
     """
+    check_blocks(blocks)
     if blocks is None or blocks == "model":
         return {"model": tuple(names)}
-    if isinstance(blocks, str):
-        if blocks == "parameter":
-            return {n: (n,) for n in names}
-        if blocks == "module":
-            grouped: dict[str, list[str]] = {}
-            for n in names:
-                grouped.setdefault(module_name_of(n), []).append(n)
-            return {k: tuple(v) for k, v in grouped.items()}
-        raise ValueError(
-            f"Unknown `blocks={blocks!r}`. Use None or 'model' (whole selection), 'module', "
-            "'parameter', or a mapping {block name: glob pattern(s)}."
-        )
-    if not isinstance(blocks, Mapping):
-        raise TypeError(
-            f"`blocks` must be None, 'model', 'module', 'parameter' or a mapping "
-            f"{{name: patterns}}, got {type(blocks).__name__}."
-        )
+    if blocks == "parameter":
+        return {n: (n,) for n in names}
+    if blocks == "module":
+        grouped: dict[str, list[str]] = {}
+        for n in names:
+            grouped.setdefault(module_name_of(n), []).append(n)
+        return {k: tuple(v) for k, v in grouped.items()}
     result: dict[str, tuple[str, ...]] = {}
     owner: dict[str, str] = {}
     for block_name, patterns in blocks.items():
-        pats = _as_patterns(patterns, f"blocks[{block_name!r}]")
+        pats = check_patterns(f"blocks[{block_name!r}]", patterns)
         members = tuple(n for n in names if _matches(n, pats))
         if not members:
             raise ValueError(

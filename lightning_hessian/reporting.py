@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,6 +169,29 @@ def report_to_cpu(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(report_to_cpu(v) for v in value)
     return value
+
+
+class ProgressBar:
+    """A tqdm bar of Hessian-vector products, fed as ``progress(done, planned)`` by the analysis.
+
+    Args:
+        description: The bar's label.
+    """
+
+    def __init__(self, description: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=description, unit="HVP", leave=False, dynamic_ncols=True, file=sys.stdout)
+
+    def __call__(self, done: int, planned: int) -> None:
+        """Move the bar to ``done`` of ``planned`` products."""
+        if planned != self.bar.total:
+            self.bar.total = planned
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        """Close the bar."""
+        self.bar.close()
 
 
 class ReportLogger:

@@ -7,13 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-
-def _positive_int_or_none(name: str, value: object, fix: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}. {fix}")
-    return int(value)
+from .validation import check_bool, check_int, check_optional_int
 
 
 @dataclass(frozen=True)
@@ -62,33 +56,25 @@ class Schedule:
             The schedule.
 
         Raises:
-            ValueError: For a non-positive period, a negative or non-integer epoch, or a
-                non-boolean ``at_end``.
+            TypeError: For a non-integer period or epoch, or a non-boolean ``at_end``.
+            ValueError: For a non-positive period or a negative epoch.
         """
-        n_epochs = _positive_int_or_none(
-            "every_n_epochs", every_n_epochs, "Pass e.g. every_n_epochs=1 (after every epoch), or None."
+        n_epochs = check_optional_int(
+            "every_n_epochs", every_n_epochs, 1, "Pass e.g. every_n_epochs=1 (after every epoch), or None."
         )
-        n_steps = _positive_int_or_none(
-            "every_n_steps", every_n_steps, "Pass e.g. every_n_steps=100 (optimizer steps), or None."
+        n_steps = check_optional_int(
+            "every_n_steps", every_n_steps, 1, "Pass e.g. every_n_steps=100 (optimizer steps), or None."
         )
-        if epochs is None:
-            chosen: frozenset[int] = frozenset()
-        else:
+        chosen: frozenset[int] = frozenset()
+        if epochs is not None:
             if isinstance(epochs, str | bytes) or not isinstance(epochs, Iterable):
-                raise ValueError(
+                raise TypeError(
                     "`epochs` must be a list of 0-based epoch indices (e.g. epochs=[0, 4, 9]), "
                     f"got {epochs!r}."
                 )
-            items = list(epochs)
-            bad = [e for e in items if isinstance(e, bool) or not isinstance(e, int) or e < 0]
-            if bad:
-                raise ValueError(
-                    f"`epochs` must hold non-negative integers (0-based epoch indices, e.g. "
-                    f"epochs=[0, 4, 9]); invalid entries: {bad!r}."
-                )
-            chosen = frozenset(int(e) for e in items)
-        if not isinstance(at_end, bool):
-            raise ValueError(f"`evaluate_at_end` must be True or False, got {at_end!r}.")
+            fix = "It holds 0-based epoch indices, e.g. epochs=[0, 4, 9]."
+            chosen = frozenset(check_int(f"epochs[{i}]", e, 0, fix) for i, e in enumerate(epochs))
+        check_bool("evaluate_at_end", at_end)
         if n_epochs is None and not chosen and n_steps is None and epochs is None:
             n_epochs = 1
         return cls(every_n_epochs=n_epochs, epochs=chosen, every_n_steps=n_steps, at_end=at_end)

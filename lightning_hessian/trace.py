@@ -29,15 +29,10 @@ import math
 import torch
 from torch import Tensor
 
-from .linear_operator import (
-    SymmetricOperator,
-    check_int,
-    default_chunk_size,
-    make_generator,
-    matmul_chunked,
-    operator_size,
-)
+from .linear_operator import SymmetricOperator, default_chunk_size, matmul_chunked, operator_size
+from .probes import make_generator, rademacher
 from .results import TraceResult
+from .validation import check_choice, check_int
 
 METHODS = ("exact", "hutchinson", "hutch++", "xtrace")
 #: Fewest products each stochastic method can work with.
@@ -45,25 +40,6 @@ MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}
 #: Most jackknife replicates of the XTrace standard error (delete-a-group beyond this many probes;
 #: each replicate costs a QR of the ``s x s`` sketch factor).
 JACKKNIFE_GROUPS = 32
-
-
-def rademacher(
-    n: int, m: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """An ``[n, m]`` matrix of independent random signs.
-
-    Args:
-        n: Rows.
-        m: Columns.
-        generator: Random generator (on ``device``).
-        dtype: Element type.
-        device: Device.
-
-    Returns:
-        Entries ``+1`` or ``-1`` with probability 1/2 each.
-    """
-    signs = torch.empty(n, m, dtype=dtype, device=device).bernoulli_(0.5, generator=generator)
-    return signs.mul_(2).sub_(1)
 
 
 def _mean_stderr(samples: Tensor, frobenius2: Tensor) -> tuple[float, float]:
@@ -271,8 +247,7 @@ def trace(
         (55.0, 0.0)
     """
     n = operator_size(op)
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}.")
+    check_choice("method", method, METHODS)
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size, 1, "Or pass None for the default.")
     gen = make_generator(op.device, seed)

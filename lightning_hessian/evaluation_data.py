@@ -1,75 +1,27 @@
-"""The batches :class:`~lightning_hessian.HessianCallback` evaluates on: captured from training as
-they pass, taken from the validation dataloader, or given by the user, always on the module's device.
+"""Where :class:`~lightning_hessian.HessianCallback`'s batches come from: a trainer's dataloaders.
+
+Taking batches from a dataloader must not change the training run (its batch order and every random
+generator are restored), and batches must reach the module's device exactly as training moves them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.utilities import CombinedLoader
-from lightning_utilities.core.apply_func import apply_to_collection
-from torch import Tensor
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 
-from .closure import preserved_rng_state
+from .batches import detached_copy, fingerprint
+from .lightning_internals import before_batch_transfer, validation_source_loader
+from .state import preserved_rng_state
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 DATA_SOURCES = ("train", "val")
-
-
-def detached_copy(batch: Any) -> Any:
-    """Copy every tensor of a (nested) batch, detached from any graph, on the same device.
-
-    Args:
-        batch: A tensor or a nested list/tuple/dict/dataclass of tensors.
-
-    Returns:
-        The same structure holding fresh copies (non-tensor leaves are shared).
-
-    Example:
-        >>> x = torch.ones(2, requires_grad=True)
-        >>> detached_copy({"x": x})["x"].requires_grad
-        False
-    """
-    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
-
-
-def _tensors(batch: Any) -> list[Tensor]:
-    found: list[Tensor] = []
-    apply_to_collection(batch, Tensor, found.append)
-    return found
-
-
-def fingerprint(batches: Sequence[Any]) -> str:
-    """A SHA-256 digest of the batches' tensors (dtype, shape and values) in order.
-
-    Two lists of batches with equal tensors have equal fingerprints on any device, so a resumed
-    run can tell whether it evaluates on the same samples as the checkpointed one.
-
-    Args:
-        batches: Batches (tensors or nested containers of tensors).
-
-    Returns:
-        A hex digest.
-
-    Example:
-        >>> fingerprint([torch.zeros(2)]) == fingerprint([torch.zeros(2)])
-        True
-    """
-    digest = hashlib.sha256()
-    for index, batch in enumerate(batches):
-        digest.update(f"batch{index}".encode())
-        for tensor in _tensors(batch):
-            flat = tensor.detach().reshape(-1).contiguous().cpu()
-            digest.update(f"{flat.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _generators(loader: Any) -> list[torch.Generator]:
@@ -147,9 +99,8 @@ def to_module_device(trainer: pl.Trainer, batch: Any, dataloader_idx: int = 0) -
     Returns:
         The batch on the device.
     """
-    module = trainer.lightning_module
     batch = trainer.precision_plugin.convert_input(batch)
-    batch = module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
+    batch = before_batch_transfer(trainer.lightning_module, batch, dataloader_idx)
     return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
 
 
@@ -161,9 +112,7 @@ def validation_loader(trainer: pl.Trainer) -> Any:
     """
     loader = first_loader(trainer.val_dataloaders)
     if loader is None:
-        source = trainer.fit_loop.epoch_loop.val_loop._data_source
-        if source.is_defined():
-            loader = first_loader(source.dataloader())
+        loader = first_loader(validation_source_loader(trainer))
     if loader is None:
         raise ValueError(
             "HessianCallback(data='val') needs a validation dataloader, but this run has none. "
@@ -171,3 +120,72 @@ def validation_loader(trainer: pl.Trainer) -> Any:
             "data=<a list of batches or a DataLoader>."
         )
     return loader
+
+
+class EvaluationBatches:
+    """The batches a callback evaluates on: chosen once, then fixed, with their fingerprint.
+
+    Args:
+        source: ``"train"`` (captured from training as they pass), ``"val"`` (the validation
+            dataloader) or an iterable of batches.
+        num_batches: How many batches to use (``None``: all of ``source``; not for ``"train"``).
+
+    Example:
+        >>> batches = EvaluationBatches("train", 2)
+        >>> batches.capture(torch.zeros(4, 3)); batches.capture(torch.ones(4, 3))
+        >>> batches.final, len(batches.batches)
+        (True, 2)
+    """
+
+    def __init__(self, source: str | Iterable[Any], num_batches: int | None) -> None:
+        self.source = source
+        self.num_batches = num_batches
+        self.batches: list[Any] = []
+        self.final = False
+        self.fingerprint: str | None = None
+        #: The fingerprint of a checkpointed run's batches, to compare after a resume.
+        self.expected_fingerprint: str | None = None
+
+    def capture(self, batch: Any) -> None:
+        """With ``source="train"``, copy a training batch (already on the device) until there are enough."""
+        if self.source != "train" or self.final:
+            return
+        self.batches.append(detached_copy(batch))
+        if len(self.batches) >= (self.num_batches or 0):
+            self.finalize()
+
+    def finalize(self) -> None:
+        """Fix the batches; warn when they differ from the checkpointed run's."""
+        if self.final or not self.batches:
+            return
+        self.final = True
+        self.fingerprint = fingerprint(self.batches)
+        if self.expected_fingerprint is not None and self.expected_fingerprint != self.fingerprint:
+            rank_zero_warn(
+                "HessianCallback: the batches captured after resuming differ from those of the "
+                "checkpointed run, so curvature before and after the resume is measured on different "
+                "samples. For identical samples across resumes pass fixed batches (data=[...]) or "
+                "data='val' with an unshuffled validation dataloader.",
+                category=UserWarning,
+            )
+
+    def get(self, trainer: pl.Trainer, device: torch.device) -> list[Any]:
+        """The batches to evaluate on now, taking them from the dataloader the first time.
+
+        Raises:
+            RuntimeError: With ``"train"``, if no batch has been captured yet.
+            ValueError: If the data source yields no batch.
+        """
+        if self.source == "train":
+            if not self.batches:
+                raise RuntimeError("no training batch has been captured yet")
+            return self.batches
+        if not self.final:
+            loader = validation_loader(trainer) if self.source == "val" else self.source
+            raw = take_first(loader, self.num_batches, [device])
+            if not raw:
+                raise ValueError(f"HessianCallback: data={self.source!r} yielded no batch.")
+            with torch.no_grad():
+                self.batches = [to_module_device(trainer, b) for b in raw]
+            self.finalize()
+        return self.batches

@@ -1,0 +1,94 @@
+"""The only module that touches Lightning's private APIs; each use has its reason.
+
+Lightning offers no public way to do these few things. Keeping them here means a Lightning upgrade
+that removes one breaks exactly one place, and :func:`check_private_apis` (run by the test suite and
+by ``HessianCallback.setup``) names what is gone instead of failing deep inside an evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core import LightningModule
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+class LightningAPIError(RuntimeError):
+    """A private Lightning API this library relies on is missing from the installed Lightning."""
+
+
+def validation_source_loader(trainer: pl.Trainer) -> Any:
+    """The validation dataloader(s) the fit loop will load, before Lightning has loaded them.
+
+    Reason: ``trainer.val_dataloaders`` stays ``None`` until the first validation run, and an
+    evaluation may come first (``num_sanity_val_steps=0``, or ``every_n_steps``); the fit loop's
+    ``_data_source`` is where Lightning itself resolves the dataloader from the module or datamodule.
+
+    Returns:
+        The dataloader(s), or ``None`` when the run defines none.
+    """
+    source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    return source.dataloader() if source.is_defined() else None
+
+
+def before_batch_transfer(module: LightningModule, batch: Any, dataloader_idx: int) -> Any:
+    """Run the module's ``on_before_batch_transfer`` hook as Lightning's loops do.
+
+    Reason: the public hook ``on_before_batch_transfer`` is called by the loops through this private
+    wrapper, which also handles the hook's profiling and its ``dataloader_idx``; calling the wrapper
+    keeps a batch the user passes with ``data=`` identical to what training sees.
+    """
+    return module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
+
+
+def state_key(callback: Callback, **settings: Any) -> str:
+    """The callback's key in a checkpoint, built from the settings that distinguish its instances.
+
+    Reason: ``Callback._generate_state_key`` is the protected helper Lightning's own callbacks
+    (``ModelCheckpoint``, ``EarlyStopping``) use, so keys stay in the format Lightning expects.
+    """
+    return callback._generate_state_key(**settings)
+
+
+def check_private_apis(trainer: pl.Trainer | None = None) -> None:
+    """Check that every private API used above exists on the installed Lightning (and ``trainer``).
+
+    Args:
+        trainer: A trainer whose fit loop must offer the validation data source (any state: the loops
+            exist from its construction), or ``None`` to check the classes only.
+
+    Raises:
+        LightningAPIError: Naming what is missing and the Lightning version.
+    """
+    import lightning
+
+    missing = [
+        name
+        for name, present in (
+            (
+                "LightningModule._on_before_batch_transfer",
+                hasattr(LightningModule, "_on_before_batch_transfer"),
+            ),
+            ("Callback._generate_state_key", hasattr(Callback, "_generate_state_key")),
+            (
+                "trainer.fit_loop.epoch_loop.val_loop._data_source",
+                trainer is None or _has_validation_source(trainer),
+            ),
+        )
+        if not present
+    ]
+    if missing:
+        raise LightningAPIError(
+            f"lightning_hessian relies on private Lightning APIs that Lightning {lightning.__version__} "
+            f"does not have: {', '.join(missing)}. Install a Lightning version this lightning_hessian "
+            "release supports (see its requirements)."
+        )
+
+
+def _has_validation_source(trainer: pl.Trainer) -> bool:
+    loop = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
+    source = getattr(loop, "_data_source", None)
+    return all(callable(getattr(source, name, None)) for name in ("is_defined", "dataloader"))

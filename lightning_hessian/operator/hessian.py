@@ -1,0 +1,367 @@
+"""``HessianOperator``: the Hessian of a module's loss w.r.t. its parameters as a linear operator.
+
+The class is the public face: construction and checks, ``@``, :meth:`~HessianOperator.matvec`,
+:meth:`~HessianOperator.matmat`, :meth:`~HessianOperator.restrict`, :meth:`~HessianOperator.loss`
+and :meth:`~HessianOperator.to_dense`. Its jobs live apart: the product kernels and the graph cache
+(:mod:`.kernels`, :mod:`.graphs`), the measured method choice (:mod:`.selection`), cross-rank sums
+(:mod:`lightning_hessian.distributed`) and dense matrices (:mod:`lightning_hessian.dense`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..batches import BatchSizeFn
+from ..closure import LossClosure, LossFn
+from ..dense import dense_from_operator
+from ..distributed import agree_on_failure, all_reduce_or_raise, resolve_process_group
+from ..memory import available_memory
+from ..parameters import ParameterSpace, Patterns, select_parameters
+from ..validation import check_choice, check_optional_int
+from .graphs import GraphCache
+from .kernels import FORWARD, REVERSE, ProductKernels
+from .selection import MethodChoice, MethodSelector, problem_key
+
+HVP_METHODS = ("auto", REVERSE, FORWARD)
+_CHUNK_MEMORY_SHARE = 0.25  # share of free memory one batched product may take
+_MAX_CHUNK = 256  # batched products of more columns run slower per column (cache)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What a restricted (block) operator inherits from its parent."""
+
+    dtype: torch.dtype
+    hvp: str
+    chunk_size: int | None
+    process_group: Any
+
+
+class HessianOperator:
+    """The Hessian ``H = d²L/dθ²`` of the size-weighted mean loss over ``data`` w.r.t. parameters.
+
+    ``op @ v`` multiplies a vector ``[N]``, ``op @ V`` a matrix ``[N, m]``. The operator is taken at
+    the parameters' values when it is constructed (they are copied) and never modifies the model.
+    Under ``torch.distributed`` it sums the products of all ranks (weighted by sample counts), so it
+    is the Hessian of the loss over the union of every rank's batches.
+
+    Products are exact (Pearlmutter's trick): ``"reverse-over-reverse"`` differentiates each batch's
+    cached gradient again; ``"forward-over-reverse"`` is ``torch.func.jvp`` of ``torch.func.grad``.
+    ``hvp="auto"`` times both on the first product (and both batched forms on the first product of
+    many columns), checks that they agree, and keeps the fastest that works for the model at hand.
+
+    Args:
+        model: Any ``nn.Module``.
+        loss_fn: ``loss_fn(module, batch) -> scalar``. ``module`` is the model itself; call it as
+            usual. ``None`` uses a LightningModule's ``training_step``.
+        data: Iterable of batches (list or DataLoader).
+        params: Glob pattern(s) on parameter names; default all trainable parameters.
+        mode: ``"eval"`` (default) or ``"train"``.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the parameters' dtype.
+        batch_size_fn: ``batch -> number of samples``; default first dim of the first tensor.
+        hvp: ``"auto"``, ``"reverse-over-reverse"`` or ``"forward-over-reverse"``.
+        cache_graphs: Keep each batch's first-order graph for reuse (``"auto"``: while it fits in a
+            quarter of free memory).
+        chunk_size: Columns per batched product (default: sized from free memory).
+        process_group: ``"auto"`` (the default group when ``torch.distributed`` is initialized with
+            more than one rank), a process group, or ``None`` for this process's data only.
+
+    Raises:
+        ValueError: For bad arguments, a non-scalar loss, or a loss that does not depend on the
+            selected parameters; all checked on the first batch before any product.
+        TypeError: For arguments of the wrong type.
+
+    Example:
+        >>> op = HessianOperator(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(x, y)])
+        >>> hv = op @ torch.randn(op.shape[0])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None = None,
+        data: Iterable[Any] | None = None,
+        *,
+        params: Patterns = None,
+        mode: str = "eval",
+        dtype: torch.dtype | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        hvp: str = "auto",
+        cache_graphs: bool | str = "auto",
+        chunk_size: int | None = None,
+        process_group: Any = "auto",
+    ) -> None:
+        check_choice("hvp", hvp, HVP_METHODS)
+        check_choice("cache_graphs", cache_graphs, (True, False, "auto"))
+        check_optional_int("chunk_size", chunk_size, 1, "Pass a positive number of columns, or None.")
+        if data is None:
+            raise ValueError("`data` is required: an iterable of batches (a list or a DataLoader).")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        selected = select_parameters(model, params)
+        closure = LossClosure(model, loss_fn, data, mode=mode, dtype=dtype, batch_size_fn=batch_size_fn)
+        dtypes = {p.dtype for p in selected.values()}
+        if closure.dtype is None and len(dtypes) > 1:
+            raise ValueError(
+                f"The selected parameters have several dtypes {sorted(map(str, dtypes))}; pass "
+                "`dtype=` (e.g. torch.float32) to compute in one."
+            )
+        settings = _Settings(
+            closure.dtype or next(iter(dtypes)), hvp, chunk_size, resolve_process_group(process_group)
+        )
+        self._build(closure, {n: p.detach() for n, p in selected.items()}, settings, cache_graphs)
+
+    @classmethod
+    def _from_closure(
+        cls, closure: LossClosure, params: dict[str, Tensor], settings: _Settings, cache_graphs: bool | str
+    ) -> HessianOperator:
+        """Alternate constructor for a block of an existing operator (same closure and settings)."""
+        op = cls.__new__(cls)
+        op._build(closure, params, settings, cache_graphs)
+        return op
+
+    @torch.inference_mode(False)  # callers may hold inference mode; products need autograd
+    def _build(
+        self, closure: LossClosure, params: dict[str, Tensor], settings: _Settings, cache_graphs: bool | str
+    ) -> None:
+        if not settings.dtype.is_floating_point:
+            raise TypeError(f"Parameters must be floating point, got {settings.dtype}.")
+        self.closure = closure
+        self._settings = settings
+        self._params = {n: p.detach().to(settings.dtype, copy=True) for n, p in params.items()}
+        self.space = ParameterSpace.from_tensors(self._params)
+        self.requested_method = settings.hvp
+        self.chunk_size = settings.chunk_size
+        self.process_group = settings.process_group
+        self.num_matvecs = 0
+        self._graphs = GraphCache(closure, self._params)
+        error: BaseException | None = None
+        try:
+            first = self._graphs.build(0)
+            if all(g is None for g in first.grads):
+                raise ValueError(
+                    "The loss does not depend on the selected parameters (no autograd path from "
+                    f"{', '.join(self.space.names[:6])} to the loss). Check `loss_fn` (does it call "
+                    "the module it is given?) and `params=`."
+                )
+        except Exception as caught:
+            if self.process_group is None:
+                raise
+            error = caught
+        agreement = agree_on_failure(
+            error,
+            self.process_group,
+            device=self.device,
+            values=[closure.num_samples],
+            what="Building the Hessian operator",
+        )
+        agreement.raise_error()
+        self.num_samples = int(agreement.values[0])
+        self._graphs.enable(cache_graphs, first if settings.hvp != FORWARD else None)
+        self._kernels = ProductKernels(closure, self._params, self._graphs, self.num_samples)
+        key = problem_key(closure, self.space, settings.dtype, self.device)
+        self._selector = MethodSelector(settings.hvp, self._kernels, key)
+
+    def restrict(self, names: Iterable[str]) -> HessianOperator:
+        """The operator of a diagonal block: the Hessian w.r.t. a subset of the parameters.
+
+        It shares this operator's data, loss and settings; products cost a forward and backward
+        pass but differentiate only the block's parameters.
+
+        Args:
+            names: Parameter names (a subset of ``op.space.names``).
+
+        Returns:
+            A new :class:`HessianOperator` over those parameters, in this operator's flat order.
+
+        Raises:
+            ValueError: If a name is not one of this operator's parameters.
+        """
+        wanted = set(names)
+        unknown = sorted(wanted - set(self._params))
+        if unknown or not wanted:
+            raise ValueError(f"Unknown or empty parameter names for a block: {unknown or list(wanted)}.")
+        params = {n: p for n, p in self._params.items() if n in wanted}
+        return HessianOperator._from_closure(self.closure, params, self._settings, "auto")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, N)`` with ``N`` the number of selected parameters."""
+        n = self.space.numel
+        return (n, n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the products."""
+        return self._settings.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the products (the parameters' device)."""
+        return next(iter(self._params.values())).device
+
+    @property
+    def parameters(self) -> dict[str, Tensor]:
+        """The (copied, detached) parameter values the Hessian is taken at."""
+        return dict(self._params)
+
+    @property
+    def num_batches(self) -> int:
+        """Number of local batches."""
+        return len(self.closure.batches)
+
+    @property
+    def choice(self) -> MethodChoice:
+        """The product methods in use (measured by ``hvp="auto"``, or the one requested)."""
+        return self._selector.choice
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(N={self.shape[0]}, batches={self.num_batches}, "
+            f"samples={self.num_samples}, dtype={self.dtype}, method={self.choice.vector or 'auto'})"
+        )
+
+    def release_graphs(self) -> None:
+        """Free the cached first-order graphs (they are rebuilt on the next product if needed)."""
+        self._graphs.release()
+
+    def loss(self) -> float:
+        """The size-weighted mean loss over all batches (and ranks) at the operator's parameters.
+
+        Raises:
+            NonFiniteHessianError: If it is NaN or infinite (on any rank).
+        """
+
+        def local() -> Tensor:
+            total = torch.zeros(1, dtype=torch.float64, device=self.device)
+            for i in range(self.num_batches):
+                graph = self._graphs.kept(i)
+                if graph is None:
+                    with self.closure.context(), torch.no_grad():
+                        value = self.closure.batch_loss(self._params, i)
+                else:
+                    value = graph.loss
+                total += float(value) * self.closure.batch_sizes[i]
+            return total
+
+        total = all_reduce_or_raise(
+            local, self.process_group, shape=(1,), dtype=torch.float64, device=self.device, what="The loss"
+        )
+        return float(total) / self.num_samples
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        """``H @ v`` for ``v`` of shape ``[N]``, or ``H @ V`` for ``V`` of shape ``[N, m]``.
+
+        Raises:
+            ValueError: If the shape does not match ``N``.
+        """
+        if not isinstance(other, Tensor):
+            return NotImplemented
+        n = self.shape[0]
+        if other.ndim not in (1, 2) or other.shape[0] != n:
+            raise ValueError(f"Expected a tensor of shape [{n}] or [{n}, m], got {tuple(other.shape)}.")
+        with torch.inference_mode(False):
+            other = other.to(device=self.device, dtype=self.dtype)
+            if other.is_inference():
+                other = other.clone()
+            return self.matvec(other) if other.ndim == 1 else self.matmat(other)
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        """``H @ v`` for one vector ``[N]``.
+
+        Raises:
+            NonFiniteHessianError: If the product is not finite (on any rank).
+        """
+        out = self._summed(lambda: self.block_products(vector.unsqueeze(0))[0], vector.shape)
+        return out
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        """``H @ V`` for a matrix ``[N, m]``, in column chunks sized to the free memory.
+
+        Raises:
+            NonFiniteHessianError: If a product is not finite (on any rank).
+        """
+
+        def local() -> Tensor:
+            out = torch.empty_like(matrix)
+            chunk = self.chunk_columns()
+            for begin in range(0, matrix.shape[1], chunk):
+                rows = matrix[:, begin : begin + chunk].T.contiguous()
+                out[:, begin : begin + chunk] = self.block_products(rows).T
+            return out
+
+        return self._summed(local, matrix.shape)
+
+    def _summed(self, local: Any, shape: tuple[int, ...] | torch.Size) -> Tensor:
+        return all_reduce_or_raise(
+            local, self.process_group, shape=shape, dtype=self.dtype, device=self.device
+        )
+
+    def block_products(
+        self,
+        rows: Tensor,
+        support: tuple[str, ...] | None = None,
+        targets: tuple[str, ...] | None = None,
+        *,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Local (not yet all-reduced) products of one chunk, restricted to parameter subsets.
+
+        ``rows[j]`` is a vector over the ``support`` parameters (zero elsewhere); the result holds
+        the entries of ``H @ rows[j]`` for the ``targets`` parameters only. Restricting both lets
+        autograd skip the layers that neither set touches, which the dense path uses to compute
+        only one triangle of the matrix.
+
+        Args:
+            rows: ``[m, N_support]``.
+            support: Parameter names the vectors live on (default all).
+            targets: Parameter names whose product entries are wanted (default all).
+            out: Optional ``[m, N_targets]`` tensor (any strides, e.g. rows of a larger matrix)
+                to write the products into instead of a new tensor.
+
+        Returns:
+            ``[m, N_targets]`` (``out`` when given).
+        """
+        support = tuple(support or self.space.names)
+        targets = tuple(targets or self.space.names)
+        m = rows.shape[0]
+        if out is None:
+            out = torch.empty(m, self.space.subspace(targets).numel, dtype=self.dtype, device=self.device)
+        method = self._selector.method_for(rows, support, targets)
+        if method.batched:
+            try:
+                self._kernels.products(rows, method.method, True, support, targets, out=out)
+                self.num_matvecs += m
+                return out
+            except Exception as error:  # noqa: BLE001 - vmap lacks batching rules for some layers
+                warnings.warn(
+                    f"Batched {method.method} products failed ({type(error).__name__}: {error}); falling "
+                    "back to one product per column.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._selector.demote(support, targets)
+        for j in range(m):
+            self._kernels.products(
+                rows[j : j + 1], self.choice.vector, False, support, targets, out=out[j : j + 1]
+            )
+        self.num_matvecs += m
+        return out
+
+    def chunk_columns(self) -> int:
+        """Columns per batched product: ``chunk_size`` when given, else sized from free memory."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        free = available_memory(self.device) or 8 * 1024**3
+        per_column = 4 * self.space.numel * self.dtype.itemsize + self._graphs.first_graph_bytes
+        return max(1, min(_MAX_CHUNK, int(_CHUNK_MEMORY_SHARE * free // max(1, per_column))))
+
+    def to_dense(self) -> Tensor:
+        """The exact dense Hessian ``[N, N]`` (see :func:`lightning_hessian.hessian`)."""
+        return dense_from_operator(self)

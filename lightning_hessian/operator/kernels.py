@@ -1,0 +1,199 @@
+"""Exact Hessian-vector product kernels, and gradients for finite-difference checks.
+
+Both kernels compute this rank's weighted sum over batches of ``H_b @ v`` (Pearlmutter's trick):
+
+- ``"reverse-over-reverse"``: differentiate each batch's cached gradient once more with
+  ``grad_outputs=v``; many vectors at once through ``is_grads_batched`` (vmap over the backward).
+- ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; many vectors at once through
+  ``torch.func.vmap``.
+
+Vectors may live on a subset of the parameters (``support``) and only some entries of the product
+may be wanted (``targets``): autograd then skips every layer that neither touches, which the dense
+path uses to compute one triangle of the matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ..closure import LossClosure
+from ..parameters import ParameterSpace
+from ..state import differentiable_context
+from .graphs import GraphCache
+
+REVERSE = "reverse-over-reverse"
+FORWARD = "forward-over-reverse"
+METHODS = (REVERSE, FORWARD)
+
+
+class ProductKernels:
+    """This rank's Hessian-vector products of a loss closure at fixed parameter values.
+
+    Args:
+        closure: The loss closure.
+        params: Parameter values, by name, in flat order.
+        graphs: The first-order graph cache of ``closure`` at ``params``.
+        num_samples: Samples over all ranks: batch ``i`` is weighted ``batch_size_i / num_samples``.
+
+    Example:
+        >>> kernels = ProductKernels(closure, params, graphs, closure.num_samples)
+        >>> hv = kernels.products(v.unsqueeze(0), REVERSE, batched=False)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, closure: LossClosure, params: Mapping[str, Tensor], graphs: GraphCache, num_samples: int
+    ) -> None:
+        self.closure = closure
+        self.params = dict(params)
+        self.space = ParameterSpace.from_tensors(self.params)
+        self.graphs = graphs
+        self.num_samples = num_samples
+        first = next(iter(self.params.values()))
+        self.dtype, self.device = first.dtype, first.device
+
+    def products(
+        self,
+        rows: Tensor,
+        method: str,
+        batched: bool,
+        support: tuple[str, ...] | None = None,
+        targets: tuple[str, ...] | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Local weighted sum over batches of ``H_b @ rows[j]`` for each row ``j``.
+
+        Each parameter's product is written straight into its columns of ``out`` (no concatenation,
+        no zero-filled accumulator), so ``out`` may be rows of a dense matrix.
+
+        Args:
+            rows: ``[m, N_support]`` vectors over the ``support`` parameters.
+            method: ``"reverse-over-reverse"`` or ``"forward-over-reverse"``.
+            batched: All rows in one batched call (else ``m`` must be 1).
+            support: Parameter names the vectors live on (default all).
+            targets: Parameter names whose product entries are wanted (default all).
+            out: ``[m, N_targets]`` destination (any strides); default a new tensor.
+
+        Returns:
+            ``[m, N_targets]`` (``out`` when given).
+        """
+        support = support or self.space.names
+        targets = targets or self.space.names
+        tangents = self.space.subspace(support).unflatten(rows)
+        target_space = self.space.subspace(targets)
+        m = rows.shape[0]
+        if out is None:
+            out = torch.empty(m, target_space.numel, dtype=self.dtype, device=self.device)
+        columns = [out[:, piece] for piece in target_space.slices().values()]
+        product = self._reverse if method == REVERSE else self._forward
+        for i in range(len(self.closure.batches)):
+            weight = self.closure.weight(i, self.num_samples)
+            pieces = product(i, tangents, batched, target_space.names)
+            for destination, piece in zip(columns, pieces, strict=True):
+                if piece is None:  # the target does not depend on the support
+                    if i == 0:
+                        destination.zero_()
+                    continue
+                piece = piece.detach().reshape(m, -1)
+                if i > 0:
+                    destination.add_(piece, alpha=weight)
+                elif weight == 1.0:
+                    destination.copy_(piece)
+                else:
+                    torch.mul(piece, weight, out=destination)
+        return out
+
+    def _reverse(
+        self, index: int, tangents: dict[str, Tensor], batched: bool, targets: tuple[str, ...]
+    ) -> list[Tensor | None]:
+        graph = self.graphs.get(index)
+        leaf = dict(zip(self.space.names, graph.leaves, strict=True))
+        grad = dict(zip(self.space.names, graph.grads, strict=True))
+        pairs = [
+            (grad[name], t if batched else t[0])
+            for name, t in tangents.items()
+            if grad[name] is not None and grad[name].requires_grad
+        ]
+        if not pairs:
+            return [None] * len(targets)
+        with differentiable_context(self.device):
+            hv = torch.autograd.grad(
+                [g for g, _ in pairs],
+                [leaf[name] for name in targets],
+                grad_outputs=[t for _, t in pairs],
+                retain_graph=self.graphs.enabled,
+                allow_unused=True,
+                is_grads_batched=batched,
+            )
+        return list(hv)
+
+    def _forward(
+        self, index: int, tangents: dict[str, Tensor], batched: bool, targets: tuple[str, ...]
+    ) -> list[Tensor]:
+        closure = self.closure
+        support = tuple(tangents)
+        with closure.context():
+            fixed = closure.buffers()
+            constants = {n: p for n, p in self.params.items() if n not in support}
+
+            def gradient(support_values: dict[str, Tensor]) -> dict[str, Tensor]:
+                def loss(target_values: dict[str, Tensor]) -> Tensor:
+                    return closure.batch_loss({**constants, **support_values, **target_values}, index, fixed)
+
+                start = {n: support_values[n] if n in support_values else constants[n] for n in targets}
+                return torch.func.grad(loss)(start)
+
+            primals = {n: self.params[n] for n in support}
+
+            def hvp(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
+                return torch.func.jvp(gradient, (primals,), (tangent,))[1]
+
+            if batched:
+                result = torch.func.vmap(hvp, randomness="same")(tangents)
+            else:
+                result = hvp({k: t[0] for k, t in tangents.items()})
+        return [result[n] for n in targets]
+
+    def gradient(self, params: Mapping[str, Tensor]) -> Tensor:
+        """This rank's weighted gradient ``[N]`` of the loss at ``params`` (a plain backward pass)."""
+        total = torch.zeros(self.space.numel, dtype=self.dtype, device=self.device)
+        for i in range(len(self.closure.batches)):
+            with self.closure.context():
+                leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+                loss = self.closure.batch_loss(leaves, i)
+                grads = torch.autograd.grad(
+                    loss, list(leaves.values()), allow_unused=True, materialize_grads=True
+                )
+            total += self.closure.weight(i, self.num_samples) * torch.cat([g.reshape(-1) for g in grads])
+        return total
+
+    def finite_difference(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> Tensor:
+        """Central differences of the gradient along each row: an independent referee for the kernels.
+
+        The step is ``sqrt(eps) * max(1, max |θ|)`` along the unit row, the usual balance between
+        truncation (``O(step²)``) and rounding (``O(eps / step)``) errors.
+
+        Args:
+            rows: ``[m, N_support]`` directions.
+            support: Parameter names the rows live on.
+            targets: Parameter names whose product entries are wanted.
+
+        Returns:
+            ``[m, N_targets]`` approximate products.
+        """
+        out = []
+        support_space, target_space = self.space.subspace(support), self.space.subspace(targets)
+        eps = math.sqrt(torch.finfo(self.dtype).eps) * max(
+            1.0, max(float(p.abs().max()) for p in self.params.values())
+        )
+        for row in rows:
+            norm = float(row.norm()) or 1.0
+            step = support_space.unflatten(row / norm)
+            plus = {n: p + eps * step[n] if n in step else p for n, p in self.params.items()}
+            minus = {n: p - eps * step[n] if n in step else p for n, p in self.params.items()}
+            difference = self.gradient(plus) - self.gradient(minus)
+            out.append(target_space.flatten(self.space.unflatten(difference)) * (norm / (2 * eps)))
+        return torch.stack(out)

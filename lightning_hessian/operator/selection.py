@@ -1,0 +1,315 @@
+"""``hvp="auto"``: choose the product method by measuring it on the model at hand.
+
+Some ``torch.func`` compositions fail on some layers, and the faster method differs between models,
+between one vector and many, and between parameter blocks of one model (for a wide last layer whose
+products stop at the logits, reverse-over-reverse can be several times faster per column than
+forward-over-reverse, while the opposite holds for the convolutions in front of it). So the
+:class:`MethodSelector` times every candidate on the first products it is asked for, checks that the
+candidates agree (central differences of the gradient referee a disagreement), keeps the fastest one
+that works, and remembers the choice for the same problem in this process.
+
+The state is explicit data: a :class:`MethodChoice` holds the method for single vectors and a
+:class:`MatrixMethod` (a method, batched or as a loop of single products) for many.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..batches import batch_signature
+from ..closure import LossClosure
+from ..parameters import ParameterSpace
+from .kernels import METHODS, ProductKernels
+
+#: Columns timed per candidate when choosing the batched method.
+SELECTION_COLUMNS = 32
+#: A support (parameter block) at least this wide gets its own batched-method choice.
+BLOCK_SELECTION_MIN_COLUMNS = 1024
+_VECTOR_ROUNDS = 3  # timed runs per candidate (after a warm-up), interleaved; the fastest counts
+_MATRIX_ROUNDS = 2
+_WARM_UP_COLUMNS = 4  # untimed first batched run of each candidate
+_MEMORY_SIZE = 64  # problems whose choice the process remembers
+
+Pair = tuple[tuple[str, ...], tuple[str, ...]]  # (support, targets)
+
+
+@dataclass(frozen=True)
+class MatrixMethod:
+    """How many vectors are multiplied at once.
+
+    Attributes:
+        method: ``"reverse-over-reverse"`` or ``"forward-over-reverse"``.
+        batched: One batched call for all columns, or a loop of single products.
+    """
+
+    method: str
+    batched: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.method} ({'batched' if self.batched else 'loop'})"
+
+
+@dataclass
+class MethodChoice:
+    """How ``hvp="auto"`` chose a method: seconds per product of each candidate, or its failure.
+
+    Attributes:
+        vector: Method used for single vectors (``None`` until chosen).
+        matrix: Method used for many vectors at once (``None`` until chosen).
+        seconds: Measured seconds per product by candidate (``"<method> (batched)"`` for batched forms).
+        failures: Error message by candidate that failed or disagreed.
+    """
+
+    vector: str | None = None
+    matrix: MatrixMethod | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def copy(self) -> MethodChoice:
+        """An independent copy (the dicts are copied)."""
+        return replace(self, seconds=dict(self.seconds), failures=dict(self.failures))
+
+
+_MEMORY: dict[tuple[Any, ...], MethodChoice] = {}
+
+
+def problem_key(
+    closure: LossClosure, space: ParameterSpace, dtype: torch.dtype, device: torch.device
+) -> tuple:
+    """What makes two problems time alike: model, loss, mode, dtype, device, parameters and batch shapes."""
+    return (
+        id(closure.model),
+        type(closure.model).__qualname__,
+        id(closure.loss_fn),
+        closure.mode,
+        str(dtype),
+        str(device),
+        tuple(zip(space.names, (tuple(shape) for shape in space.shapes), strict=True)),
+        batch_signature(closure.batches[0]),
+        len(closure.batches),
+    )
+
+
+def relative_difference(a: Tensor, b: Tensor) -> float:
+    """``||a - b|| / max(||a||, ||b||)`` (0 for two zero tensors)."""
+    scale = max(float(a.norm()), float(b.norm()), torch.finfo(a.dtype).tiny)
+    return float((a - b).norm()) / scale
+
+
+def agreement_tolerance(dtype: torch.dtype) -> float:
+    """Relative difference two exact methods may show from rounding alone."""
+    return 1e-3 if dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-7
+
+
+class MethodSelector:
+    """The product method for each call: fixed by the user, or measured once (``"auto"``).
+
+    Args:
+        requested: ``"auto"`` or one of the exact methods.
+        kernels: The product kernels to time.
+        key: The problem's :func:`problem_key`: an ``"auto"`` choice made before in this process for
+            the same key is reused instead of timing again.
+
+    Example:
+        >>> selector = MethodSelector("auto", kernels, problem_key(closure, space, dtype, device))
+        >>> method = selector.method_for(rows, space.names, space.names)  # doctest: +SKIP
+    """
+
+    def __init__(self, requested: str, kernels: ProductKernels, key: tuple) -> None:
+        self.requested = requested
+        self.kernels = kernels
+        self.key = key
+        if requested != "auto":
+            self.choice = MethodChoice(requested, MatrixMethod(requested))
+        elif key in _MEMORY:
+            self.choice = _MEMORY[key].copy()
+        else:
+            self.choice = MethodChoice()
+        self.block_methods: dict[Pair, MatrixMethod] = {}
+        self.block_seconds: dict[Pair, dict[str, float]] = {}
+        self._settled: set[Pair] = set()
+
+    def method_for(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> MatrixMethod:
+        """The method for a chunk of ``rows`` (``[m, N_support]``), choosing it on them if needed.
+
+        The first single product chooses the vector method; the first product of several columns
+        chooses the batched method. With ``"auto"``, a support at least
+        :data:`BLOCK_SELECTION_MIN_COLUMNS` wide that restricts the operator (as the dense path does,
+        block by block) gets its own choice on its first chunk, after the operator-wide one.
+
+        Args:
+            rows: The chunk to multiply.
+            support: Parameter names the rows live on.
+            targets: Parameter names whose product entries are wanted.
+
+        Returns:
+            The method: for one row, never batched.
+        """
+        chose_now = False
+        if self.choice.vector is None:
+            self._choose_vector(rows[:1], support, targets)
+            chose_now = True
+        if rows.shape[0] == 1:
+            return MatrixMethod(self.choice.vector, batched=False)
+        if self.choice.matrix is None:
+            self._choose_matrix(rows[:SELECTION_COLUMNS], support, targets)
+            chose_now = True
+        pair = (support, targets)
+        if pair not in self._settled and self._restricts(pair):
+            self._settled.add(pair)
+            if not chose_now and self.kernels.space.subspace(support).numel >= BLOCK_SELECTION_MIN_COLUMNS:
+                self._choose_block(rows, pair)
+        return self.block_methods.get(pair, self.choice.matrix)
+
+    def demote(self, support: tuple[str, ...], targets: tuple[str, ...]) -> None:
+        """Use a loop of single products where the batched method failed."""
+        loop = MatrixMethod(self.choice.vector, batched=False)
+        if (support, targets) in self.block_methods:
+            self.block_methods[(support, targets)] = loop
+        else:
+            self.choice.matrix = loop
+
+    def _restricts(self, pair: Pair) -> bool:
+        names = self.kernels.space.names
+        return self.requested == "auto" and pair != (names, names)
+
+    def _remember(self) -> None:
+        if self.requested != "auto":
+            return
+        if len(_MEMORY) >= _MEMORY_SIZE:
+            _MEMORY.pop(next(iter(_MEMORY)))
+        _MEMORY[self.key] = self.choice.copy()
+
+    def _choose_vector(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> None:
+        results, seconds = self._time(
+            rows,
+            list(METHODS),
+            lambda name: self.kernels.products(rows, name, False, support, targets),
+            rounds=_VECTOR_ROUNDS,
+        )
+        self.choice.seconds.update(seconds)
+        self.choice.vector = self._pick(results, seconds, rows, support, targets)
+        self._remember()
+
+    def _choose_matrix(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> None:
+        """Time the batched forms against a loop of the chosen vector method on ``rows``."""
+        self.choice.matrix, seconds = self._select_batched(rows, support, targets, vector_seconds=None)
+        self.choice.seconds.update({f"{k} (batched)": v for k, v in seconds.items()})
+        self._remember()
+
+    def _choose_block(self, rows: Tensor, pair: Pair) -> None:
+        loop = self.choice.vector
+        _, single = self._time(
+            rows[:1],
+            [loop],
+            lambda name: self.kernels.products(rows[:1], name, False, *pair),
+            rounds=_MATRIX_ROUNDS,
+        )
+        # Timed on the whole chunk: per-column costs at a few columns are mostly fixed overheads.
+        method, seconds = self._select_batched(rows, *pair, vector_seconds=single.get(loop, math.inf))
+        self.block_methods[pair] = method
+        self.block_seconds[pair] = {**seconds, str(MatrixMethod(loop, False)): single.get(loop, math.inf)}
+
+    def _select_batched(
+        self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...], vector_seconds: float | None
+    ) -> tuple[MatrixMethod, dict[str, float]]:
+        """The fastest working batched method on ``rows``, or a loop of the vector method."""
+        candidates = [m for m in METHODS if m not in self.choice.failures]
+        few = rows[:_WARM_UP_COLUMNS]
+        results, seconds = self._time(
+            rows,
+            candidates,
+            lambda name: self.kernels.products(rows, name, True, support, targets),
+            rounds=_MATRIX_ROUNDS,
+            warm_up=lambda name: self.kernels.products(few, name, True, support, targets),
+        )
+        if vector_seconds is None:
+            vector_seconds = self.choice.seconds.get(self.choice.vector, math.inf)
+        if results:
+            best = self._pick(results, seconds, rows, support, targets)
+            if seconds[best] <= vector_seconds:
+                return MatrixMethod(best), seconds
+        return MatrixMethod(self.choice.vector, batched=False), seconds
+
+    def _time(
+        self,
+        rows: Tensor,
+        candidates: list[str],
+        run: Callable[[str], Tensor],
+        rounds: int = 1,
+        warm_up: Callable[[str], Tensor] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Run each candidate once to warm up, then ``rounds`` timed times, interleaved.
+
+        The fastest of a candidate's timed runs counts: on a shared machine a single run can be
+        slowed down many times over by other processes, and interleaving spreads that noise over all
+        candidates instead of one. A candidate that raises or gives non-finite products is out.
+        """
+        results: dict[str, Tensor] = {}
+        seconds: dict[str, float] = {}
+
+        def attempt(name: str, call: Callable[[str], Tensor] = run) -> bool:
+            try:
+                start = time.perf_counter()
+                results[name] = call(name)
+                elapsed = (time.perf_counter() - start) / rows.shape[0]
+            except Exception as error:  # noqa: BLE001 - any failure disqualifies the method
+                self.choice.failures[name] = f"{type(error).__name__}: {error}"
+                results.pop(name, None)
+                seconds.pop(name, None)
+                return False
+            seconds[name] = min(seconds.get(name, math.inf), elapsed)
+            return True
+
+        alive = [name for name in candidates if attempt(name, warm_up or run)]  # graphs, vmap rules
+        seconds.clear()
+        for _ in range(rounds):
+            alive = [name for name in alive if attempt(name)]
+        for name in alive:
+            if not torch.isfinite(results[name]).all():
+                self.choice.failures[name] = "non-finite products"
+                results.pop(name)
+                seconds.pop(name)
+        return results, seconds
+
+    def _pick(
+        self,
+        results: dict[str, Tensor],
+        seconds: dict[str, float],
+        rows: Tensor,
+        support: tuple[str, ...],
+        targets: tuple[str, ...],
+    ) -> str:
+        """The fastest candidate; when two disagree, the one further from finite differences is out."""
+        if not results:
+            raise RuntimeError(
+                "No Hessian-vector product method works for this model: "
+                + "; ".join(f"{k}: {v}" for k, v in self.choice.failures.items())
+            )
+        names = list(results)
+        if len(names) == 2:
+            difference = relative_difference(*(results[n] for n in names))
+            if difference > agreement_tolerance(self.kernels.dtype):
+                reference = self.kernels.finite_difference(rows, support, targets)
+                errors = {n: relative_difference(results[n], reference) for n in names}
+                worse = max(errors, key=errors.get)
+                self.choice.failures[worse] = (
+                    f"disagrees with the other method (relative difference {difference:.2e}; "
+                    "finite differences of the gradient side with the other)"
+                )
+                warnings.warn(
+                    f"Hessian-vector product method {worse!r} gives wrong products for this model and "
+                    f"will not be used: {self.choice.failures[worse]}.",
+                    RuntimeWarning,
+                    stacklevel=6,
+                )
+                names.remove(worse)
+        return min(names, key=lambda n: seconds[n])

@@ -1,0 +1,126 @@
+"""Context managers that let the library run a user's module and leave no trace on it.
+
+Each one saves one kind of state on entry and restores it on exit: random generators, training flags,
+buffers and ``.grad``, the module's own parameter objects, BatchNorm's running statistics in train
+mode, ``self.log`` of a LightningModule; and :func:`differentiable_context` sets up autograd so that
+every differentiation mode works whatever the caller holds (inference mode, autocast, fused attention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def silenced_logging(module: nn.Module) -> Iterator[None]:
+    """Temporarily replace ``module.log`` and ``module.log_dict`` with no-ops."""
+    saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
+    module.__dict__["log"] = module.__dict__["log_dict"] = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+
+
+@contextlib.contextmanager
+def preserved_rng_state(devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Restore Python's, NumPy's (if imported) and torch's CPU/CUDA generators on exit."""
+    python_state = random.getstate()
+    numpy_random = _numpy_random()
+    numpy_state = numpy_random.get_state() if numpy_random is not None else None
+    cuda_devices = [d for d in devices if d.type == "cuda"]
+    with torch.random.fork_rng(devices=cuda_devices, enabled=True):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            if numpy_random is not None:
+                numpy_random.set_state(numpy_state)
+
+
+def _numpy_random() -> Any:
+    numpy = sys.modules.get("numpy")
+    return getattr(numpy, "random", None)
+
+
+@contextlib.contextmanager
+def preserved_module_state(module: nn.Module) -> Iterator[None]:
+    """Restore training flags, buffers (values and identity) and ``.grad`` of every submodule."""
+    flags = [(m, m.training) for m in module.modules()]
+    buffers = [(b, b.detach().clone()) for b in module.buffers() if b is not None]
+    grads = [(p, p.grad) for p in module.parameters()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
+        for p, grad in grads:
+            p.grad = grad
+
+
+@contextlib.contextmanager
+def preserved_tensor_slots(module: nn.Module) -> Iterator[None]:
+    """Put every submodule's own parameter and buffer objects back on exit.
+
+    ``functional_call`` in torch 2.13 leaves the swapped-in tensors on the module for parameters that
+    are tied (one tensor registered under two names); restoring the slots keeps the module's identity.
+    """
+    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, parameters, buffers in slots:
+            for name, tensor in parameters.items():
+                if m._parameters.get(name) is not tensor:
+                    m._parameters[name] = tensor
+            for name, tensor in buffers.items():
+                if m._buffers.get(name) is not tensor:
+                    m._buffers[name] = tensor
+
+
+@contextlib.contextmanager
+def batch_norm_without_running_stats(module: nn.Module) -> Iterator[None]:
+    """In train mode, make BatchNorm use batch statistics without updating running statistics."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.track_running_stats for m in norms]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(norms, saved, strict=True):
+            m.track_running_stats = flag
+
+
+@contextlib.contextmanager
+def differentiable_context(device: torch.device) -> Iterator[None]:
+    """Grad on, inference mode off, autocast off, and the attention kernel that every AD mode supports.
+
+    The fused CPU/GPU kernels behind ``scaled_dot_product_attention`` have no double-backward or
+    forward-mode formulas; the math backend is composite and differentiates any number of times.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if device.type == "cuda" or torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        yield

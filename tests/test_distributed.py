@@ -1,0 +1,47 @@
+"""The cross-rank agreement primitives on one process (the multi-process tests use them on two)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_hessian.distributed import agree_on_failure, all_reduce_or_raise, resolve_process_group
+from lightning_hessian.errors import NonFiniteHessianError
+
+
+def test_without_a_process_group_the_agreement_is_local():
+    ok = agree_on_failure(None, None, values=[3.0, 4.0])
+    assert (ok.failed_ranks, ok.values, ok.message, ok.error) == (0, [3.0, 4.0], "", None)
+    ok.raise_error()  # nothing to raise
+    error = ValueError("boom")
+    failed = agree_on_failure(error, None)
+    assert failed.failed_ranks == 1 and failed.error is error and failed.message == "ValueError: boom"
+    with pytest.raises(ValueError, match="boom"):
+        failed.raise_error()
+
+
+def test_all_reduce_or_raise_runs_locally_and_checks_finiteness():
+    out = all_reduce_or_raise(lambda: torch.ones(3), None, shape=(3,), dtype=torch.float32, device="cpu")
+    assert torch.equal(out, torch.ones(3))
+    with pytest.raises(NonFiniteHessianError, match="The loss is not finite"):
+        all_reduce_or_raise(
+            lambda: torch.tensor([float("nan")]),
+            None,
+            shape=(1,),
+            dtype=torch.float32,
+            device="cpu",
+            what="The loss",
+        )
+
+    def fails() -> torch.Tensor:
+        raise KeyError("local")
+
+    with pytest.raises(KeyError):  # one process: the error itself, unchanged
+        all_reduce_or_raise(fails, None, shape=(1,), dtype=torch.float32, device="cpu")
+
+
+def test_process_group_auto_is_none_without_torch_distributed():
+    assert resolve_process_group("auto") is None
+    assert resolve_process_group(None) is None
+    sentinel = object()
+    assert resolve_process_group(sentinel) is sentinel

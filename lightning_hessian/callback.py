@@ -5,15 +5,16 @@ from :mod:`.evaluation_data`), calls :func:`lightning_hessian.analysis.analyze_w
 :class:`~lightning_hessian.settings.AnalysisSettings` for the numbers, and hands the report to
 :mod:`.reporting`. It never changes the training run: the analysis leaves the module, its buffers,
 gradients and every random generator as it found them, and the callback draws no random numbers.
+
+About a quarter of this module is the documentation of the Trainer-facing class (its arguments, what
+it logs, when it evaluates); the hooks and the evaluation flow are the rest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from .analysis import analyze_with
 from .distributed import agree_on_failure, trainer_process_group
-from .evaluation_data import DATA_SOURCES, EvaluationBatches
+from .evaluation_data import EvaluationBatches, check_data_source
 from .lightning_internals import check_private_apis, state_key
 from .reporting import DEFAULT_PREFIX, ProgressBar, ReportLogger, save_report
 from .results import HessianReport
@@ -43,23 +44,6 @@ ON_ERROR = ("warn", "raise")
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
-def _check_data(value: Any) -> str | Iterable[Any]:
-    if isinstance(value, str):
-        return check_choice(
-            "data",
-            value,
-            DATA_SOURCES,
-            "Use 'train' (the first training batches, cached as they pass), 'val' (the first validation "
-            "batches) or an iterable of batches (a list of batches or a DataLoader).",
-        )
-    if isinstance(value, Tensor) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"`data` must be 'train', 'val' or an iterable of batches (a list or a DataLoader), got "
-            f"{type(value).__name__}; wrap a single batch in a list: data=[batch]."
-        )
-    return value
-
-
 def _check_analyze_kwargs(kwargs: Any) -> dict[str, Any]:
     if kwargs is None:
         return {}
@@ -74,14 +58,12 @@ def _check_analyze_kwargs(kwargs: Any) -> dict[str, Any]:
     return dict(kwargs)
 
 
-def _check_finite(report: HessianReport) -> None:
-    values = {"loss": report.loss, **report.scalars()}
-    bad = sorted(name for name, value in values.items() if not math.isfinite(value))
-    if bad:
-        raise FloatingPointError(
-            f"non-finite curvature ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); the loss "
-            f"at the evaluated batches is {report.loss}"
-        )
+class _AgreedFailure(Exception):
+    """A phase of an evaluation failed on some rank; every rank raises it at the same point."""
+
+    def __init__(self, error: BaseException, message: str) -> None:
+        super().__init__(message)
+        self.error, self.message = error, message
 
 
 def _sharded_strategy(strategy: Any) -> str | None:
@@ -199,7 +181,7 @@ class HessianCallback(Callback):
     ) -> None:
         super().__init__()
         self.schedule = Schedule.create(every_n_epochs, epochs, every_n_steps, evaluate_at_end)
-        self.data = _check_data(data)
+        self.data = check_data_source(data)
         if num_batches is None and self.data == "train":
             raise ValueError(
                 "`num_batches=None` (all batches) is not supported with data='train'; pass a number "
@@ -386,25 +368,13 @@ class HessianCallback(Callback):
             )
         return batches
 
-    @contextlib.contextmanager
-    def _progress(self, trainer: pl.Trainer, epoch: int) -> Iterator[ProgressBar | None]:
-        enabled = self.progress_bar and trainer.progress_bar_callback is not None and trainer.is_global_zero
-        if not enabled:
-            yield None
-            return
-        bar = ProgressBar(f"Hessian (epoch {epoch}, step {trainer.global_step})")
-        try:
-            yield bar
-        finally:
-            bar.close()
-
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
-        """Run one evaluation on every rank; the ranks agree on its outcome before anything is logged.
+        """Run one evaluation on every rank; the ranks agree on each phase's outcome.
 
         Under a data-parallel strategy every rank analyzes its own batches and the operator sums the
-        products over ranks, so each phase ends with a tiny all-reduce of a failure flag: a failure
-        on one rank (NaN, out of memory, no batch) makes every rank skip (``on_error="warn"``) or
-        raise (``on_error="raise"``) at the same point, and no rank is left waiting in a collective.
+        products over ranks, so each phase (batches, analysis, logging) ends with one small agreement:
+        a failure on one rank (NaN, out of memory, no batch) makes every rank skip
+        (``on_error="warn"``) or raise (``on_error="raise"``) at the same point.
         """
         step = trainer.global_step
         epoch = trainer.current_epoch if self._epoch is None else self._epoch
@@ -412,71 +382,74 @@ class HessianCallback(Callback):
         self._last_step = step
         entry: dict[str, Any] = {"epoch": epoch, "step": step, "reason": reason}
         start = time.perf_counter()
-        report: HessianReport | None = None
-        metrics: dict[str, float] = {}
-        error: BaseException | None = None
         try:
-            batches = self._evaluation_batches(trainer, module)
+            batches = self._agreed(trainer, lambda: self._evaluation_batches(trainer, module))
             entry["num_batches"] = len(batches)
-        except Exception as caught:  # noqa: BLE001 - agreed with the other ranks below
-            error = caught
-        error, message = self._agree(trainer, error)
-        if error is None:
-            try:
-                report = self._analyze(trainer, module, batches, epoch)
-            except Exception as caught:  # noqa: BLE001
-                error = caught
-            error, message = self._agree(trainer, error, report)
-        if error is None:
-            try:
-                metrics = self.reporter.log(trainer, report, step)
-                if self._report_dir is not None:
-                    save_report(report, self._report_dir / f"epoch={epoch}-step={step}.pt")
-            except Exception as caught:  # noqa: BLE001
-                error = caught
-            error, message = self._agree(trainer, error)
-        if error is not None:
-            self._skip(entry, error, message)
+            report = self._agreed(trainer, lambda: self._analyze(trainer, module, batches, epoch))
+            metrics = self._agreed(trainer, lambda: self._log(trainer, report, epoch, step))
+        except _AgreedFailure as failure:
+            self._skip(entry, failure.error, failure.message)
             return
         entry.update(ok=True, wall_seconds=time.perf_counter() - start, **metrics)
         self.history.append(entry)
         self.last_report = report
 
+    def _agreed(self, trainer: pl.Trainer, phase: Callable[[], Any]) -> Any:
+        """Run one phase on every rank and agree on its outcome (one small all-reduce).
+
+        A report's ``seconds`` becomes the mean over ranks, so that every logged value (and
+        ``callback_metrics``) is identical on all ranks.
+
+        Raises:
+            _AgreedFailure: On every rank when the phase failed on any rank, with this rank's error (or
+                the agreed :class:`RankFailedError`) and every rank's failure as one line.
+        """
+        result, error = None, None
+        try:
+            result = phase()
+        except Exception as caught:  # noqa: BLE001 - agreed with the other ranks below
+            error = caught
+        report = result if isinstance(result, HessianReport) else None
+        agreement = agree_on_failure(
+            error,
+            trainer_process_group(trainer),
+            device=trainer.strategy.root_device,
+            values=[0.0 if report is None else float(report.seconds)],
+            what="the Hessian evaluation",
+        )
+        if agreement.error is not None:
+            raise _AgreedFailure(agreement.error, agreement.message)
+        if report is not None:
+            report.seconds = agreement.values[0] / trainer.world_size
+        return result
+
     def _analyze(
         self, trainer: pl.Trainer, module: pl.LightningModule, batches: list[Any], epoch: int
     ) -> HessianReport:
-        with torch.inference_mode(False), torch.enable_grad(), self._progress(trainer, epoch) as progress:
+        show = self.progress_bar and trainer.progress_bar_callback is not None and trainer.is_global_zero
+        description = f"Hessian (epoch {epoch}, step {trainer.global_step})"
+        with torch.inference_mode(False), torch.enable_grad(), ProgressBar.shown(show, description) as bar:
             report = analyze_with(
                 module,
                 self.loss_fn,
                 batches,
                 self.settings,
                 process_group=trainer_process_group(trainer),
-                progress=progress,
+                progress=bar,
             )
-        _check_finite(report)
+        bad = report.non_finite()
+        if bad:
+            raise FloatingPointError(
+                f"non-finite curvature ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); the loss "
+                f"at the evaluated batches is {report.loss}"
+            )
         return report
 
-    def _agree(
-        self, trainer: pl.Trainer, error: BaseException | None, report: HessianReport | None = None
-    ) -> tuple[BaseException | None, str]:
-        """Agree across ranks on whether a phase failed anywhere (one small all-reduce on every rank).
-
-        ``report.seconds`` becomes the mean over ranks, so that every logged value (and
-        ``callback_metrics``) is identical on all ranks. Returns this rank's error (or the agreed
-        :class:`RankFailedError`) and the failures of every rank as one line, identical on all ranks.
-        """
-        seconds = 0.0 if report is None else float(report.seconds)
-        agreement = agree_on_failure(
-            error,
-            trainer_process_group(trainer),
-            device=trainer.strategy.root_device,
-            values=[seconds],
-            what="the Hessian evaluation",
-        )
-        if agreement.failed_ranks == 0 and report is not None:
-            report.seconds = agreement.values[0] / trainer.world_size
-        return agreement.error, agreement.message
+    def _log(self, trainer: pl.Trainer, report: HessianReport, epoch: int, step: int) -> dict[str, float]:
+        metrics = self.reporter.log(trainer, report, step)
+        if self._report_dir is not None:
+            save_report(report, self._report_dir / f"epoch={epoch}-step={step}.pt")
+        return metrics
 
     def _skip(self, entry: dict[str, Any], error: BaseException, message: str) -> None:
         """Record a failed evaluation and warn (``on_error="warn"``), or raise it (``"raise"``)."""

@@ -13,15 +13,44 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
+from torch import Tensor
 
 from .batches import detached_copy, fingerprint
 from .lightning_internals import before_batch_transfer, validation_source_loader
 from .state import preserved_rng_state
+from .validation import check_choice
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 DATA_SOURCES = ("train", "val")
+
+
+def check_data_source(value: Any) -> str | Iterable[Any]:
+    """Check a ``data=`` argument: ``"train"``, ``"val"`` or an iterable of batches.
+
+    Raises:
+        TypeError: For a tensor (a single batch) or a non-iterable.
+        ValueError: For an unknown source name.
+
+    Example:
+        >>> check_data_source("val")
+        'val'
+    """
+    if isinstance(value, str):
+        return check_choice(
+            "data",
+            value,
+            DATA_SOURCES,
+            "Use 'train' (the first training batches, cached as they pass), 'val' (the first validation "
+            "batches) or an iterable of batches (a list of batches or a DataLoader).",
+        )
+    if isinstance(value, Tensor) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"`data` must be 'train', 'val' or an iterable of batches (a list or a DataLoader), got "
+            f"{type(value).__name__}; wrap a single batch in a list: data=[batch]."
+        )
+    return value
 
 
 def _generators(loader: Any) -> list[torch.Generator]:

@@ -9,9 +9,11 @@ figure ``hessian/B/density``; plus ``hessian/loss``, ``hessian/num_matvecs`` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,6 +184,19 @@ class ProgressBar:
         from tqdm import tqdm
 
         self.bar = tqdm(desc=description, unit="HVP", leave=False, dynamic_ncols=True, file=sys.stdout)
+
+    @classmethod
+    @contextlib.contextmanager
+    def shown(cls, show: bool, description: str) -> Iterator[ProgressBar | None]:
+        """A bar while the block runs when ``show`` is true (closed afterwards), else ``None``."""
+        if not show:
+            yield None
+            return
+        bar = cls(description)
+        try:
+            yield bar
+        finally:
+            bar.close()
 
     def __call__(self, done: int, planned: int) -> None:
         """Move the bar to ``done`` of ``planned`` products."""

@@ -196,6 +196,11 @@ class HessianReport:
     num_matvecs: int = 0
     seconds: float = 0.0
 
+    def non_finite(self) -> list[str]:
+        """Sorted names of the loss and logged scalars that are NaN or infinite (empty: all finite)."""
+        values = {"loss": self.loss, **self.scalars()}
+        return sorted(name for name, value in values.items() if not math.isfinite(value))
+
     def scalars(self, prefix: str = "hessian") -> dict[str, float]:
         """Flatten the report into the logged scalar names of the design contract.
 

@@ -77,9 +77,13 @@ def preserved_module_state(module: nn.Module) -> Iterator[None]:
 def preserved_tensor_slots(module: nn.Module) -> Iterator[None]:
     """Put every submodule's own parameter and buffer objects back on exit.
 
-    ``functional_call`` in torch 2.13 leaves the swapped-in tensors on the module for parameters that
-    are tied (one tensor registered under two names); restoring the slots keeps the module's identity.
+    Restoring the slots keeps the module's identity even where ``functional_call`` does not; see
+    NOTE [functional_call and tied parameters].
     """
+    # NOTE [functional_call and tied parameters]
+    # In torch 2.13, functional_call leaves the swapped-in tensors on the module for parameters
+    # that are tied (one tensor registered under two names). The tests of shared parameters check
+    # the module's own parameter objects after a Hessian of a tied-weight model.
     slots = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
     try:
         yield

@@ -42,3 +42,9 @@ def spiked_wigner(n: int, spikes: list[float], seed: int = 0) -> Tensor:
 def exact_spectrum(matrix: Tensor) -> Tensor:
     """Ascending eigenvalues in float64."""
     return torch.linalg.eigvalsh(matrix.double())
+
+
+def indefinite_matrix() -> Tensor:
+    """A 100 x 100 matrix with eigenvalues 6, 4, -3 over a uniform bulk on [-1, 2]."""
+    values = torch.cat([torch.tensor([6.0, 4.0, -3.0], dtype=torch.float64), uniform_spectrum(97, -1.0, 2.0)])
+    return with_spectrum(values, seed=1)

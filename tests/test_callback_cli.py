@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import lightning_hessian as lh
-from tests.test_callback_common import events
+from tests.helpers import events
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -19,11 +19,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 import lightning_hessian as lh
-from tests.test_callback_common import (
+from tests.helpers import (
     FAST,
     Snapshot,
     TinyModule,
-    cross_entropy,
+    cross_entropy_loss,
     dataset,
     events,
     loader,
@@ -178,7 +178,7 @@ def test_tensorboard_http_api_serves_the_scalars_and_the_histogram(run):
 
 def test_no_logger_warns_once_and_feeds_checkpoint_and_early_stopping(tmp_path):
     torch.manual_seed(0)
-    hessian = lh.HessianCallback(num_batches=2, loss_fn=cross_entropy, analyze_kwargs=FAST)
+    hessian = lh.HessianCallback(num_batches=2, loss_fn=cross_entropy_loss, analyze_kwargs=FAST)
     checkpoint = ModelCheckpoint(
         dirpath=tmp_path / "ckpt",
         monitor="hessian/model/eigenvalue_1",

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import lightning_hessian as lh
-from tests.test_callback_common import (
+from tests.helpers import (
     FAST,
     TinyModule,
     events,

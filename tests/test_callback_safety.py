@@ -1,9 +1,8 @@
-"""HessianCallback never changes the training run; failures follow `on_error`; precision; rank zero."""
+"""HessianCallback never changes the training run; failures follow `on_error`; precision; grad contexts."""
 
 from __future__ import annotations
 
 import random
-import types
 import warnings
 
 import lightning as L
@@ -15,12 +14,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_hessian as lh
-from lightning_hessian.reporting import ReportLogger, save_report
-from tests.test_callback_common import (
+from tests.helpers import (
     FAST,
     Snapshot,
     TinyModule,
-    cross_entropy,
+    cross_entropy_loss,
     loader,
     trainer,
 )
@@ -78,7 +76,7 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, mode,
 
 
 def _nan_in_epoch_1(module, batch):
-    loss = cross_entropy(module, batch)
+    loss = cross_entropy_loss(module, batch)
     return loss * float("nan") if module.current_epoch == 1 else loss
 
 
@@ -124,7 +122,7 @@ def test_manual_optimization_needs_loss_fn(tmp_path):
         trainer(tmp_path, [lh.HessianCallback()], max_epochs=1, logger=False).fit(
             TinyModule(manual=True), loader(n=16)
         )
-    hessian = lh.HessianCallback(loss_fn=cross_entropy, num_batches=1, analyze_kwargs=FAST)
+    hessian = lh.HessianCallback(loss_fn=cross_entropy_loss, num_batches=1, analyze_kwargs=FAST)
     trainer(tmp_path, [hessian], max_epochs=1, logger=False).fit(TinyModule(manual=True), loader(n=16))
     assert hessian.history[-1]["ok"]
 
@@ -146,33 +144,34 @@ def test_bf16_mixed_training_gets_float32_curvature(tmp_path):
         assert model(hessian.batches[0][0]).dtype == torch.bfloat16
 
 
+class EvaluateAfterValidation(lh.HessianCallback):
+    """Evaluates from a validation hook, which Lightning runs under inference_mode (or no_grad)."""
+
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
+        self.contexts: list[tuple[bool, bool]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.contexts.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        self.on_train_end(trainer, pl_module)  # the end-of-training evaluation, from here
+
+
 def test_evaluation_runs_with_grad_from_no_grad_and_inference_mode(tmp_path):
-    hessian = lh.HessianCallback(num_batches=2, analyze_kwargs=FAST, evaluate_at_end=False)
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+    settings = {"data": data, "analyze_kwargs": FAST, "figures": False}
+    hessian = lh.HessianCallback(evaluate_at_end=False, **settings)
     model = TinyModule()
-    fit = trainer(tmp_path, [hessian], max_epochs=1, logger=False)
-    fit.fit(model, loader(n=32))
-    with torch.no_grad():
-        hessian._evaluate(fit, model, "manual")
-    with torch.inference_mode():
-        hessian._evaluate(fit, model, "manual")
-    first, no_grad, inference = hessian.history
-    assert no_grad["ok"] and inference["ok"], hessian.history
+    trainer(tmp_path, [hessian], max_epochs=1, logger=False).fit(model, loader(n=32))
+    (first,) = hessian.history
+    later = {}
+    for inference_mode in (False, True):  # Lightning validates under no_grad, or inference_mode
+        caller = EvaluateAfterValidation(**settings)
+        validation = trainer(tmp_path, [caller], logger=False, inference_mode=inference_mode)
+        validation.validate(model, loader(n=16, shuffle=False), verbose=False)
+        assert caller.contexts == [(False, inference_mode)]
+        (later[inference_mode],) = caller.history
+    no_grad, inference = later[False], later[True]
+    assert no_grad["ok"] and inference["ok"], later
     assert no_grad["hessian/model/eigenvalue_1"] == first["hessian/model/eigenvalue_1"]
     assert inference["hessian/model/trace"] == first["hessian/model/trace"]
-
-
-def test_only_rank_zero_writes(tmp_path, monkeypatch):
-    from lightning.pytorch.utilities import rank_zero_only
-
-    report = lh.HessianReport(loss=0.5, num_matvecs=3, seconds=0.1)
-    logger = TensorBoardLogger(tmp_path)
-    fake = types.SimpleNamespace(callback_metrics={}, loggers=[logger])
-    monkeypatch.setattr(rank_zero_only, "rank", 1)
-    ReportLogger().log(fake, report, step=4)
-    save_report(report, tmp_path / "r.pt")
-    assert fake.callback_metrics["hessian/loss"].item() == 0.5  # every rank sees the metrics
-    assert not list(tmp_path.rglob("events.out.tfevents*")) and not (tmp_path / "r.pt").exists()
-    monkeypatch.setattr(rank_zero_only, "rank", 0)
-    ReportLogger().log(fake, report, step=4)
-    logger.experiment.flush()
-    assert list(tmp_path.rglob("events.out.tfevents*"))

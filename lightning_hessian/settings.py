@@ -115,6 +115,6 @@ class AnalysisSettings:
         unknown = sorted(set(values) - set(cls.names()))
         if unknown:
             raise ValueError(
-                f"`{argument}` has unknown keys {unknown}; the settings are {sorted(cls.names())}."
+                f"`{argument}` has unknown keys {unknown}; use only these: {sorted(cls.names())}."
             )
         return cls(**values)

@@ -65,7 +65,7 @@ def check_int(name: str, value: object, minimum: int | None = None, fix: str = "
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(_with_fix(f"`{name}` must be an integer, got {value!r}.", fix))
     if minimum is not None and value < minimum:
-        raise ValueError(_with_fix(f"`{name}` must be an integer >= {minimum}, got {value}.", fix))
+        raise ValueError(_with_fix(f"`{name}` must be >= {minimum}, got {value}.", fix))
     return int(value)
 
 

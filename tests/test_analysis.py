@@ -234,8 +234,8 @@ def test_non_finite_loss_raises_a_clear_error():
     ("kwargs", "error", "match"),
     [
         ({"top_k": -1}, ValueError, "`top_k` must be >= 0"),
-        ({"method": "x"}, ValueError, "`method='x'` must be one of"),
-        ({"trace_method": "x"}, ValueError, "`trace_method='x'` must be one of"),
+        ({"method": "x"}, ValueError, "`method='x'` is not supported. Use one of"),
+        ({"trace_method": "x"}, ValueError, "`trace_method='x'` is not supported. Use one of"),
         ({"density_probes": 0}, ValueError, "`density_probes` must be >= 1"),
         ({"mode": "x"}, ValueError, "`mode='x'` is not supported"),
         ({"progress": 3}, TypeError, "`progress` must be callable"),

@@ -120,3 +120,31 @@ def test_a_dataclass_batch_is_converted_by_the_operators_dtype():
     assert dense.dtype == torch.float64
     reference = lh.hessian(model.double(), loss_fn, [Batch(batch.inputs.double(), batch.labels)])
     torch.testing.assert_close(dense, reference, rtol=0, atol=1e-12)
+
+
+def test_detached_copy_copies_every_tensor_and_keeps_the_structure():
+    x = torch.ones(2, 3, requires_grad=True)
+    batch = {"inputs": (x * 2, "tag"), "target": torch.arange(2)}
+    copy = detached_copy(batch)
+    assert set(copy) == {"inputs", "target"} and isinstance(copy["inputs"], tuple)
+    assert copy["inputs"][1] == "tag"
+    assert not copy["inputs"][0].requires_grad
+    torch.testing.assert_close(copy["inputs"][0], torch.full((2, 3), 2.0))
+    copy["target"][0] = 7  # a copy: the original is untouched
+    assert batch["target"].tolist() == [0, 1]
+
+
+def test_fingerprint_tells_equal_batches_from_different_ones():
+    batches = [(torch.zeros(4), torch.arange(4)), (torch.ones(4), torch.arange(4))]
+    same = [(torch.zeros(4), torch.arange(4)), (torch.ones(4), torch.arange(4))]
+    assert fingerprint(batches) == fingerprint(same)
+    different = {
+        "order": batches[::-1],
+        "value": [(torch.zeros(4), torch.arange(4)), (torch.full((4,), 2.0), torch.arange(4))],
+        "dtype": [(torch.zeros(4, dtype=torch.float64), torch.arange(4)), batches[1]],
+        "shape": [(torch.zeros(2, 2), torch.arange(4)), batches[1]],
+        "count": batches[:1],
+    }
+    prints = {name: fingerprint(other) for name, other in different.items()}
+    assert fingerprint(batches) not in prints.values()
+    assert len(set(prints.values())) == len(prints)

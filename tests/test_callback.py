@@ -59,7 +59,30 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize(("kwargs", "named"), BAD_ARGUMENTS, ids=[str(k) for k, _ in BAD_ARGUMENTS])
 def test_every_bad_argument_is_rejected_naming_it(kwargs, named):
-    with pytest.raises(ValueError) as info:
+    # A value of the wrong type is a TypeError, a value of the right type out of range a ValueError.
+    wrong_type = {
+        "every_n_epochs": (1.5, True),
+        "epochs": ("0,1", [1.0]),
+        "evaluate_at_end": ("yes",),
+        "data": (5,),
+        "params": (3,),
+        "blocks": ({"a": 1},),
+        "min_eigenvalue": (1,),
+        "trace": (None,),
+        "density": ("no",),
+        "loss_fn": ("cross_entropy",),
+        "dtype": (torch.int64, "int32"),
+        "analyze_kwargs": ([1],),
+        "histograms": (1,),
+        "figures": (None,),
+        "save_reports": ("yes",),
+        "progress_bar": (0,),
+    }
+    ((key, value),) = kwargs.items()
+    is_type_error = isinstance(value, torch.Tensor) or any(
+        value is bad or (type(value) is type(bad) and value == bad) for bad in wrong_type.get(key, ())
+    )
+    with pytest.raises(TypeError if is_type_error else ValueError) as info:
         HessianCallback(**kwargs)
     message = str(info.value)
     assert named in message

@@ -110,7 +110,7 @@ def test_out_of_memory_is_a_skipped_evaluation(tmp_path, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    monkeypatch.setattr(lh.analysis, "analyze", out_of_memory)
+    monkeypatch.setattr(lh.HessianOperator, "block_products", out_of_memory)
     hessian = lh.HessianCallback(num_batches=1)
     with pytest.warns(UserWarning, match="OutOfMemoryError"):
         trainer(tmp_path, [hessian], max_epochs=1, logger=False).fit(TinyModule(), loader(n=16))

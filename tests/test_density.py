@@ -8,8 +8,8 @@ from torch import nn
 
 import lightning_hessian.density as density_module
 from lightning_hessian.density import spectral_density
-from lightning_hessian.linear_operator import MatrixOperator, make_generator
-from lightning_hessian.trace import rademacher
+from lightning_hessian.linear_operator import MatrixOperator
+from lightning_hessian.probes import make_generator, rademacher
 from tests.helpers import cross_entropy_loss
 from tests.spectra import exact_spectrum, indefinite_matrix, uniform_spectrum, with_spectrum
 

@@ -195,7 +195,11 @@ def test_a_close_pair_at_the_top_is_not_declared_converged_early(seed: int) -> N
         ({"k": 0}, ValueError, "`k` must be >= 1"),
         ({"k": 11}, ValueError, r"`k` must be <= N = 10"),
         ({"k": 1.5}, TypeError, "`k` must be an integer"),
-        ({"which": "top"}, ValueError, "`which` must be 'largest' or 'smallest'"),
+        (
+            {"which": "top"},
+            ValueError,
+            r"`which='top'` is not supported. Use one of \('largest', 'smallest'\)",
+        ),
         ({"tol": 0.0}, ValueError, "`tol` must be a positive"),
         ({"tol": -1e-3}, ValueError, "`tol` must be a positive"),
         ({"tol": float("nan")}, ValueError, "`tol` must be a positive"),

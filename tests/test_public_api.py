@@ -210,6 +210,7 @@ SIGNATURES = {
         ("out", KW, "None"),
     ],
     "HessianOperator.to_dense": [],
+    "HessianOperator.chunk_columns": [],
     "HessianOperator.release_graphs": [],
     "HessianOperator.agreed_all_reduce": [
         ("local", POS, REQUIRED),
@@ -268,6 +269,7 @@ def test_every_exported_function_and_constructor_is_pinned():
 HESSIAN_OPERATOR_METHODS = [
     "agreed_all_reduce",
     "block_products",
+    "chunk_columns",  # added by the restructuring: the dense path's chunk width, public instead of private
     "loss",
     "matmat",
     "matvec",
@@ -275,7 +277,8 @@ HESSIAN_OPERATOR_METHODS = [
     "restrict",
     "to_dense",
 ]
-HESSIAN_OPERATOR_PROPERTIES = ["device", "dtype", "num_batches", "parameters", "shape"]
+# `choice` was an instance attribute and is now a read-only property with the same value.
+HESSIAN_OPERATOR_PROPERTIES = ["choice", "device", "dtype", "num_batches", "parameters", "shape"]
 
 
 def _public(cls) -> list[str]:
@@ -317,7 +320,12 @@ def test_other_class_members_are_pinned():
         for name in vars(lh.HessianCallback)
         if not name.startswith("_") and not name.startswith("on_") and name != "setup"
     )
-    assert own == ["batches", "batches_fingerprint", "load_state_dict", "state_dict", "state_key"]
+    # The analysis settings were instance attributes and are now read-only views of `settings`.
+    settings = ["blocks", "dense_limit", "density", "dtype", "method", "min_eigenvalue", "mode", "params"]
+    settings += ["seed", "top_k", "trace"]
+    assert own == sorted(
+        ["batches", "batches_fingerprint", "load_state_dict", "state_dict", "state_key", *settings]
+    )
     for name in ("batches", "batches_fingerprint", "state_key"):
         assert isinstance(inspect.getattr_static(lh.HessianCallback, name), property), name
     callback = lh.HessianCallback()
@@ -402,7 +410,7 @@ RESULT_METHODS = {
     "TraceResult": [],
     "SpectralDensity": ["histogram", "mean", "pdf"],
     "BlockReport": [],
-    "HessianReport": ["scalars"],
+    "HessianReport": ["non_finite", "scalars"],
 }
 
 

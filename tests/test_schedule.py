@@ -39,15 +39,16 @@ def test_describe_is_plain_and_stable():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "named"),
+    ("kwargs", "error", "named"),
     [
-        ({"every_n_epochs": 0}, "every_n_epochs"),
-        ({"every_n_steps": 2.5}, "every_n_steps"),
-        ({"epochs": "0,1"}, "epochs"),
-        ({"epochs": [True]}, "epochs"),
-        ({"at_end": 1}, "evaluate_at_end"),
+        ({"every_n_epochs": 0}, ValueError, "every_n_epochs"),
+        ({"every_n_steps": 2.5}, TypeError, "every_n_steps"),
+        ({"epochs": "0,1"}, TypeError, "epochs"),
+        ({"epochs": [True]}, TypeError, "epochs"),
+        ({"epochs": [-1]}, ValueError, "epochs"),
+        ({"at_end": 1}, TypeError, "evaluate_at_end"),
     ],
 )
-def test_bad_schedules_are_rejected_naming_the_argument(kwargs, named):
-    with pytest.raises(ValueError, match=named):
+def test_bad_schedules_are_rejected_naming_the_argument(kwargs, error, named):
+    with pytest.raises(error, match=named):
         Schedule.create(**kwargs)

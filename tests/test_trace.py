@@ -141,7 +141,11 @@ def test_same_seed_same_result_and_global_rng_untouched(decaying: torch.Tensor) 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"method": "hutch+"}, ValueError, "`method` must be one of 'exact', 'hutchinson', 'hutch\\+\\+'"),
+        (
+            {"method": "hutch+"},
+            ValueError,
+            r"`method='hutch\+'` is not supported. Use one of \('exact', 'hutchinson', 'hutch\+\+'",
+        ),
         ({"method": "hutch++", "num_matvecs": 2}, ValueError, r"`num_matvecs` must be >= 3.*hutch\+\+"),
         ({"method": "xtrace", "num_matvecs": 3}, ValueError, "`num_matvecs` must be >= 4.*xtrace"),
         ({"method": "hutchinson", "num_matvecs": 0}, ValueError, "`num_matvecs` must be >= 1"),

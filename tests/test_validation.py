@@ -26,7 +26,7 @@ from lightning_hessian.validation import (
         (
             lambda: check_int("top_k", -1, 0, "Pass 0."),
             ValueError,
-            "`top_k` must be an integer >= 0, got -1. Pass 0.",
+            "`top_k` must be >= 0, got -1. Pass 0.",
         ),
         (lambda: check_optional_int("n", "3", 1), TypeError, "`n` must be an integer"),
         (lambda: check_positive_float("tol", "1e-4"), TypeError, "`tol` must be a number"),

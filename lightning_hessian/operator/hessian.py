@@ -10,7 +10,7 @@ and :meth:`~HessianOperator.to_dense`. Its jobs live apart: the product kernels 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,10 +250,7 @@ class HessianOperator:
                 total += float(value) * self.closure.batch_sizes[i]
             return total
 
-        total = all_reduce_or_raise(
-            local, self.process_group, shape=(1,), dtype=torch.float64, device=self.device, what="The loss"
-        )
-        return float(total) / self.num_samples
+        return float(self.agreed_all_reduce(local, (1,), torch.float64, "The loss")) / self.num_samples
 
     def __matmul__(self, other: Tensor) -> Tensor:
         """``H @ v`` for ``v`` of shape ``[N]``, or ``H @ V`` for ``V`` of shape ``[N, m]``.
@@ -298,9 +295,25 @@ class HessianOperator:
 
         return self._summed(local, matrix.shape)
 
-    def _summed(self, local: Any, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    def _summed(self, local: Callable[[], Tensor], shape: tuple[int, ...] | torch.Size) -> Tensor:
+        return self.agreed_all_reduce(local, shape)
+
+    def agreed_all_reduce(
+        self,
+        local: Callable[[], Tensor],
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype | None = None,
+        what: str = "A Hessian-vector product",
+    ) -> Tensor:
+        """Sum a local computation over this operator's ranks; all ranks fail together.
+
+        :func:`lightning_hessian.distributed.all_reduce_or_raise` on this operator's process group.
+
+        Raises:
+            NonFiniteHessianError: If the result is NaN or infinite (on every rank).
+        """
         return all_reduce_or_raise(
-            local, self.process_group, shape=shape, dtype=self.dtype, device=self.device
+            local, self.process_group, shape=shape, dtype=dtype or self.dtype, device=self.device, what=what
         )
 
     def block_products(

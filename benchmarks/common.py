@@ -1,8 +1,9 @@
 """Shared model/data builders and a subprocess runner for the benchmarks.
 
 Names here are a contract for every script in ``benchmarks/``: ``SeedCNN``, ``seed_cnn_problem()``,
-``MidCNN``, ``mid_cnn_problem()``, ``tanh_mlp_problem()`` (each problem returns
-``(model, loss_fn, batches)``), and ``run_isolated()`` / ``Measurement``.
+``MidCNN``, ``mid_cnn_problem()``, ``tanh_mlp_problem()``, ``trained_tanh_mlp_problem()`` (each problem
+returns ``(model, loss_fn, batches)``), and ``run_isolated()`` / ``Measurement``. The peer libraries and
+their product counters are in ``benchmarks/peers.py``.
 
 Every builder fixes its seeds, so two processes building the same problem get identical weights and
 batches (the dense benchmark relies on this to compare Hessians computed in separate processes).
@@ -131,6 +132,23 @@ def tanh_mlp_problem(num_points: int = 512, num_batches: int = 1, seed: int = 0)
     y = torch.randint(0, 5, (num_points,), generator=generator)
     batches = list(zip(x.chunk(num_batches), y.chunk(num_batches), strict=True))
     return model, cross_entropy_loss, batches
+
+
+def trained_tanh_mlp_problem(steps: int = 200, lr: float = 0.5):
+    """The tanh MLP of :func:`tanh_mlp_problem` after ``steps`` full-batch SGD steps at ``lr``
+    (deterministic), in eval mode.
+
+    Returns:
+        ``(model, loss_fn, batches)`` with ``batches = [(x, y)]``.
+    """
+    model, loss_fn, batches = tanh_mlp_problem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(model, batches[0]).backward()
+        optimizer.step()
+    model.eval()
+    return model, loss_fn, batches
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -267,6 +285,13 @@ def run_isolated(
         return Measurement(error=f"child died or timed out (exit code {process.exitcode})")
     process.join()
     return out
+
+
+def free_memory_bytes() -> int:
+    """Memory available to this process on the CPU (0 where it cannot be told)."""
+    from lightning_hessian.memory import available_memory
+
+    return available_memory("cpu") or 0
 
 
 def median_of(times: Sequence[float]) -> float:

@@ -1,7 +1,7 @@
 """Dense Hessian of the seed CNN (12x12, 23,365 parameters): lightning_hessian against the alternatives.
 
 Each method runs in its own fresh process (one after the other, never two at once), which reports
-its wall time and peak RSS. Methods:
+its wall time and peak RSS. Methods (the library adapters are in ``benchmarks/peers.py``):
 
 - ``lh``: ``lh.hessian(model, loss_fn, data)``.
 - ``seed 2``: the seed document's second method VERBATIM: ``torch.autograd.functional.hessian`` over
@@ -26,7 +26,6 @@ to run a subset, ``--repeat 2`` to run each method more than once and keep the f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -41,16 +40,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     GB,
     Measurement,
+    free_memory_bytes,
     machine_line,
     markdown_table,
     num_parameters,
     run_isolated,
     seed_cnn_problem,
 )
+from benchmarks.peers import (  # noqa: E402
+    curvlinops_dense_hessian,
+    lh_dense_hessian,
+    load_peer,
+    torch_func_dense_hessian,
+)
 
 H_SIZE, W_SIZE = 12, 12
 FUNC_NEEDS_BYTES = 18 * 10**9  # torch.func.hessian peaked at ~15.6 GB here; keep a margin on a shared machine
-CURVLINOPS_CHUNK = 256
 NUM_REFERENCE_ROWS = 200
 
 # ------------------------------------------------------------------------------------------ problem
@@ -59,12 +64,10 @@ NUM_REFERENCE_ROWS = 200
 def setup_problem():
     """Untimed set-up in each child: the seed CNN, its batch and a loss_fn (same seeds everywhere).
 
-    Libraries are imported here, so that no method's time includes an import.
+    Libraries are imported before any method runs (lh with ``benchmarks.peers``, curvlinops here), so
+    that no method's time includes an import.
     """
-    import lightning_hessian  # noqa: F401
-
-    with contextlib.suppress(ImportError):
-        import curvlinops  # noqa: F401
+    load_peer("curvlinops")
     model, loss_fn, batches = seed_cnn_problem(H_SIZE, W_SIZE)
     return model, loss_fn, batches
 
@@ -105,12 +108,6 @@ def float64_reference(rows: list[int]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ methods
 
 
-def method_lh(model, loss_fn, batches):
-    import lightning_hessian as lh
-
-    return lh.hessian(model, loss_fn, batches)
-
-
 # The seed's method 2, verbatim except for one change: the seed draws x and y *inside* forward_loss
 # (a new random batch on every call). To make the comparison a fixed function, they are drawn once,
 # outside, with a fixed seed (the same batch every other method uses: `seed_cnn_problem`).
@@ -148,44 +145,12 @@ def method_seed1_fair(model, loss_fn, batches):
     return hessian
 
 
-def method_func(model, loss_fn, batches):
-    from torch.func import functional_call
-
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    batch = batches[0]
-
-    def flat_loss(theta):
-        pieces = torch.split(theta, sizes)
-        params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes, strict=True)}
-        return F.cross_entropy(functional_call(model, params, (batch[0],)), batch[1])
-
-    return torch.func.hessian(flat_loss)(flat)
-
-
-def method_curvlinops(model, loss_fn, batches):
-    from curvlinops import HessianLinearOperator
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    op = HessianLinearOperator(model, torch.nn.CrossEntropyLoss(), params, batches, check_deterministic=False)
-    n = sum(p.numel() for p in params)
-    hessian = torch.empty(n, n)
-    for start in range(0, n, CURVLINOPS_CHUNK):
-        stop = min(n, start + CURVLINOPS_CHUNK)
-        basis = torch.zeros(n, stop - start)
-        basis[torch.arange(start, stop), torch.arange(stop - start)] = 1
-        hessian[:, start:stop] = op @ basis
-    return hessian
-
-
 METHODS = {
-    "lh": ("lh.hessian", method_lh),
+    "lh": ("lh.hessian", lh_dense_hessian),
     "seed2": ("seed 2: autograd.functional.hessian (verbatim)", method_seed2),
     "seed1": ("seed 1: row loop, preallocated (fair)", method_seed1_fair),
-    "func": ("torch.func.hessian (flat closure)", method_func),
-    "curvlinops": ("curvlinops HessianLinearOperator @ I", method_curvlinops),
+    "func": ("torch.func.hessian (flat closure)", torch_func_dense_hessian),
+    "curvlinops": ("curvlinops HessianLinearOperator @ I", curvlinops_dense_hessian),
 }
 
 # ------------------------------------------------------------------------------------------ accuracy
@@ -256,12 +221,6 @@ class _Post:
 # ------------------------------------------------------------------------------------------ main
 
 
-def free_memory_bytes() -> int:
-    from lightning_hessian.memory import available_memory
-
-    return available_memory("cpu") or 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=list(METHODS), help="methods to run (default all)")
@@ -304,13 +263,10 @@ def main() -> None:
                     results[key] = Measurement(error=f"skipped ({why})")
                     print(f"{label}: skipped ({why})", flush=True)
                     continue
-            if key == "curvlinops":
-                try:
-                    import curvlinops  # noqa: F401
-                except ImportError:
-                    results[key] = Measurement(error="n/a (curvlinops not installed)")
-                    print(f"{label}: n/a (not installed)", flush=True)
-                    continue
+            if key == "curvlinops" and load_peer("curvlinops") is None:
+                results[key] = Measurement(error="n/a (curvlinops not installed)")
+                print(f"{label}: n/a (not installed)", flush=True)
+                continue
             best = None
             for _ in range(max(1, args.repeat)):
                 post = _Post(**paths, save=key == "lh" and best is None)

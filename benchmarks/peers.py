@@ -39,8 +39,9 @@ from torch.func import functional_call
 
 import lightning_hessian
 from lightning_hessian import HessianOperator, eigenvalues, spectral_density, trace
-from lightning_hessian.lanczos import HessianConvergenceWarning, KrylovBasis
-from lightning_hessian.linear_operator import make_generator
+from lightning_hessian.krylov import KrylovBasis
+from lightning_hessian.lanczos import HessianConvergenceWarning
+from lightning_hessian.probes import make_generator
 
 try:
     import scipy.sparse.linalg as sla

@@ -5,6 +5,7 @@ The class is the public face: construction and checks, ``@``, :meth:`~HessianOpe
 and :meth:`~HessianOperator.to_dense`. Its jobs live apart: the product kernels and the graph cache
 (:mod:`.kernels`, :mod:`.graphs`), the measured method choice (:mod:`.selection`), cross-rank sums
 (:mod:`lightning_hessian.distributed`) and dense matrices (:mod:`lightning_hessian.dense`).
+The module is a little over 350 lines because half of it documents the public methods.
 """
 
 from __future__ import annotations
@@ -275,8 +276,7 @@ class HessianOperator:
         Raises:
             NonFiniteHessianError: If the product is not finite (on any rank).
         """
-        out = self._summed(lambda: self.block_products(vector.unsqueeze(0))[0], vector.shape)
-        return out
+        return self.agreed_all_reduce(lambda: self.block_products(vector.unsqueeze(0))[0], vector.shape)
 
     def matmat(self, matrix: Tensor) -> Tensor:
         """``H @ V`` for a matrix ``[N, m]``, in column chunks sized to the free memory.
@@ -293,10 +293,7 @@ class HessianOperator:
                 out[:, begin : begin + chunk] = self.block_products(rows).T
             return out
 
-        return self._summed(local, matrix.shape)
-
-    def _summed(self, local: Callable[[], Tensor], shape: tuple[int, ...] | torch.Size) -> Tensor:
-        return self.agreed_all_reduce(local, shape)
+        return self.agreed_all_reduce(local, matrix.shape)
 
     def agreed_all_reduce(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -81,6 +82,23 @@ def _dense_block(name: str, op: HessianOperator, settings: AnalysisSettings) -> 
     if settings.density:
         weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
         report.density = SpectralDensity(spectrum, weights, num_matvecs=0, num_probes=0, exact=True)
+    return report
+
+
+def _zero_block(name: str, n: int, settings: AnalysisSettings) -> BlockReport:
+    """The exact report of a block whose Hessian is zero (the loss does not use its parameters)."""
+    report = BlockReport(name=name, size=n, method="zero")
+    zero = torch.zeros(1, dtype=torch.float64)
+    if settings.top_k:
+        report.eigenvalues = _exact_eigen(
+            torch.zeros(min(settings.top_k, n), dtype=torch.float64), "largest", n
+        )
+    if settings.min_eigenvalue:
+        report.min_eigenvalue = _exact_eigen(zero, "smallest", 1)
+    if settings.trace:
+        report.trace = TraceResult(0.0, 0.0, 0, "exact")
+    if settings.density:
+        report.density = SpectralDensity(zero, torch.ones(1, dtype=torch.float64), num_matvecs=0, exact=True)
     return report
 
 
@@ -306,7 +324,16 @@ def analyze_with(
     for name, names in groups.items():
         block_start = time.perf_counter()
         block_op = op if single else op.restrict(names)
-        if name in dense:
+        if not block_op.depends_on_parameters:
+            block = _zero_block(name, block_op.shape[0], settings)
+            warnings.warn(
+                f"The loss does not depend on the parameters of block {name!r} ({', '.join(names[:4])}"
+                f"{' ...' if len(names) > 4 else ''}): its Hessian is zero, and the other blocks are "
+                "evaluated as usual.",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif name in dense:
             block = _dense_block(name, block_op, settings)
             tracker.advance(block.size)
         else:
@@ -315,20 +342,20 @@ def analyze_with(
             block_op.release_graphs()
         block.seconds = time.perf_counter() - block_start
         report.blocks[name] = block
-    if shared_trace:
+    sharing = [name for name in iterative if report.blocks[name].method == "iterative"]
+    if shared_trace and sharing:
         share_start = time.perf_counter()
-        slices = op.space.slices()
         traces = _shared_block_traces(
             _CountingOperator(op, tracker),
-            {k: groups[k] for k in iterative},
-            slices,
+            {k: groups[k] for k in sharing},
+            op.space.slices(),
             settings.trace_matvecs,
             settings.seed,
         )
-        share_seconds = (time.perf_counter() - share_start) / len(iterative)
+        share_seconds = (time.perf_counter() - share_start) / len(sharing)
         for name, result in traces.items():
             report.blocks[name].trace = result
-            report.blocks[name].num_matvecs += settings.trace_matvecs / len(iterative)
+            report.blocks[name].num_matvecs += settings.trace_matvecs / len(sharing)
             report.blocks[name].seconds += share_seconds
     for block in report.blocks.values():
         block.num_matvecs = int(round(block.num_matvecs))

@@ -20,6 +20,7 @@ BlocksSpec = str | Mapping[str, str | Sequence[str]] | None
 
 BLOCK_KINDS = ("model", "module", "parameter")
 ROOT_MODULE_NAME = "root"
+_COMPILED_WRAPPER = "_orig_mod"
 
 
 def check_blocks(blocks: object) -> BlocksSpec:
@@ -59,8 +60,23 @@ def check_blocks(blocks: object) -> BlocksSpec:
     return blocks
 
 
+def display_name(name: str) -> str:
+    """A parameter or module name as the user wrote the model: without ``torch.compile``'s wrapper.
+
+    A compiled submodule registers the original under ``_orig_mod``, so its parameters are named
+    ``encoder._orig_mod.weight``; block names and logged names use ``encoder.weight``.
+
+    Example:
+        >>> display_name("encoder._orig_mod.layers.0.weight")
+        'encoder.layers.0.weight'
+    """
+    return ".".join(part for part in name.split(".") if part != _COMPILED_WRAPPER)
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    """Whether a pattern matches the real name or the name without ``torch.compile``'s wrapper."""
+    names = {name, display_name(name)}
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in patterns)
 
 
 def select_parameters(model: nn.Module, params: Patterns = None) -> dict[str, nn.Parameter]:
@@ -103,7 +119,7 @@ def select_parameters(model: nn.Module, params: Patterns = None) -> dict[str, nn
 
 def module_name_of(parameter_name: str) -> str:
     """Name of the module that owns a parameter directly (``"root"`` for the top-level module)."""
-    return parameter_name.rpartition(".")[0] or ROOT_MODULE_NAME
+    return display_name(parameter_name.rpartition(".")[0]) or ROOT_MODULE_NAME
 
 
 def resolve_blocks(names: Sequence[str], blocks: BlocksSpec) -> dict[str, tuple[str, ...]]:
@@ -130,7 +146,7 @@ def resolve_blocks(names: Sequence[str], blocks: BlocksSpec) -> dict[str, tuple[
     if blocks is None or blocks == "model":
         return {"model": tuple(names)}
     if blocks == "parameter":
-        return {n: (n,) for n in names}
+        return {display_name(n): (n,) for n in names}
     if blocks == "module":
         grouped: dict[str, list[str]] = {}
         for n in names:

@@ -156,7 +156,8 @@ class BlockReport:
     Attributes:
         name: Block name (``"model"`` for the whole selection).
         size: Number of parameters in the block.
-        method: ``"dense"`` (exact) or ``"iterative"`` (Hessian-vector products).
+        method: ``"dense"`` (exact), ``"iterative"`` (Hessian-vector products) or ``"zero"`` (the loss
+            does not depend on the block's parameters: its Hessian is exactly zero).
         eigenvalues: Top eigenvalues, largest first, or ``None`` if not requested.
         min_eigenvalue: The smallest eigenvalue (with its convergence), or ``None``.
         trace: The trace with its standard error, or ``None``.

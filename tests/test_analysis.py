@@ -252,3 +252,36 @@ def test_bad_arguments_raise_before_any_product(kwargs, error, match):
     with pytest.raises(error, match=match):
         lh.analyze(model, loss_fn, data, **kwargs)
     assert not calls  # not even the loss was evaluated
+
+
+class _WithUnusedModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.unused = nn.Linear(4, 4)  # defined but never called in forward
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("method", ["auto", "iterative"])
+def test_a_module_the_loss_does_not_use_is_a_zero_block_and_the_rest_is_evaluated(method):
+    torch.manual_seed(0)
+    model = _WithUnusedModule().double()
+    data = [(torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,)))]
+    with pytest.warns(UserWarning, match="does not depend on the parameters of block 'unused'"):
+        report = lh.analyze(model, cross_entropy_loss, data, blocks="module", method=method, seed=0)
+    assert list(report.blocks) == ["a", "unused", "b"]
+    zero = report.blocks["unused"]
+    assert zero.method == "zero" and zero.trace.value == 0.0 and zero.trace.stderr == 0.0
+    assert zero.eigenvalues.values.tolist() == [0.0, 0.0, 0.0] and bool(zero.eigenvalues.converged.all())
+    assert float(zero.min_eigenvalue.values[0]) == 0.0
+    exact = lh.hessian(model, cross_entropy_loss, data, blocks="module")
+    for name in ("a", "b"):
+        block = report.blocks[name]
+        true_trace = float(exact[name].diagonal().sum())
+        assert abs(block.trace.value - true_trace) <= max(1e-9, 4 * block.trace.stderr)
+        top = torch.linalg.eigvalsh(exact[name]).flip(0)[:3]
+        torch.testing.assert_close(block.eigenvalues.values, top, rtol=1e-5, atol=1e-8)
+    assert exact["unused"].abs().max() == 0

@@ -230,3 +230,42 @@ def test_auto_remembers_its_choice_for_the_same_problem():
     other_data = [(torch.randn(7, 3), torch.randint(0, 2, (7,)))]
     other_batch = lh.HessianOperator(model, cross_entropy_loss, other_data)
     assert other_batch.choice.vector is None  # different shapes: measured afresh
+
+
+def test_auto_does_not_discard_a_method_over_rounding_noise_on_a_zero_column(recwarn):
+    """A bias before a train-mode BatchNorm has a zero Hessian: both methods return rounding noise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    batch = (torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,)))
+    op = lh.HessianOperator(model, cross_entropy_loss, [batch], mode="train", params="0.bias")
+    product = op @ torch.randn(4, dtype=torch.float64)
+    assert float(product.abs().max()) < 1e-12
+    assert op.choice.failures == {}
+    assert not [w for w in recwarn if "gives wrong products" in str(w.message)]
+    full = lh.hessian(model, cross_entropy_loss, [batch], mode="train")  # dense: unit columns, some zero
+    torch.testing.assert_close(full, reference_hessian(model, cross_entropy_loss, [batch], "train"))
+    assert not [w for w in recwarn if "gives wrong products" in str(w.message)]
+
+
+def test_forced_forward_over_reverse_on_mse_names_the_torch_limitation():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    batch = (torch.randn(8, 3), torch.randn(8, 2))
+
+    def mse(module, b):
+        return F.mse_loss(module(b[0]), b[1])
+
+    op = lh.HessianOperator(model, mse, [batch], hvp=FORWARD)
+    with pytest.raises(RuntimeError, match=r"torch limitation.*hvp='auto'"):
+        op @ torch.randn(op.shape[0])
+    auto = lh.HessianOperator(model, mse, [batch])
+    assert (auto @ torch.randn(auto.shape[0])).shape == (op.shape[0],)
+
+
+def test_embedding_bag_error_says_how_to_exclude_it():
+    model = nn.Sequential(nn.EmbeddingBag(10, 4), nn.Linear(4, 2))
+    batch = (torch.randint(0, 10, (8, 3)), torch.randint(0, 2, (8,)))
+    op = lh.HessianOperator(model, cross_entropy_loss, [batch])
+    with pytest.raises(RuntimeError, match=r"'0' \(EmbeddingBag\).*params=\['1\.\*'\]"):
+        op @ torch.randn(op.shape[0])
+    rest = lh.HessianOperator(model, cross_entropy_loss, [batch], params="1.*")
+    assert (rest @ torch.randn(rest.shape[0])).shape == (10,)

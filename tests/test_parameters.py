@@ -118,3 +118,22 @@ def test_parameter_space_sizes_slices_batches_and_subspaces():
     assert sub.names == ("0.bias", "1.bias") and sub.numel == 4
     with pytest.raises(ValueError, match="last dimension of 13"):
         space.unflatten(torch.zeros(12))
+
+
+def test_compiled_submodules_keep_their_names_in_blocks_and_patterns():
+    model = torch.nn.Sequential()
+    model.add_module("enc", torch.compile(torch.nn.Linear(3, 4)))  # registered as enc._orig_mod
+    model.add_module("head", torch.nn.Linear(4, 2))
+    names = list(lh.select_parameters(model))
+    assert names == ["enc._orig_mod.weight", "enc._orig_mod.bias", "head.weight", "head.bias"]
+    assert list(lh.resolve_blocks(names, "module")) == ["enc", "head"]
+    assert list(lh.resolve_blocks(names, "parameter")) == ["enc.weight", "enc.bias", "head.weight", "head.bias"]
+    assert list(lh.select_parameters(model, "enc.*")) == ["enc._orig_mod.weight", "enc._orig_mod.bias"]
+    assert lh.resolve_blocks(names, {"encoder": "enc.weight"}) == {"encoder": ("enc._orig_mod.weight",)}
+
+
+def test_a_model_that_is_not_a_module_gets_a_clear_type_error():
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module, got function"):
+        lh.select_parameters(lambda x: x)
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module, got dict"):
+        lh.HessianOperator({"w": torch.zeros(2)}, lambda m, b: b.sum(), [torch.zeros(2)])

@@ -124,12 +124,17 @@ class HessianOperator:
     ) -> HessianOperator:
         """Alternate constructor for a block of an existing operator (same closure and settings)."""
         op = cls.__new__(cls)
-        op._build(closure, params, settings, cache_graphs)
+        op._build(closure, params, settings, cache_graphs, require_dependence=False)
         return op
 
     @torch.inference_mode(False)  # callers may hold inference mode; products need autograd
     def _build(
-        self, closure: LossClosure, params: dict[str, Tensor], settings: _Settings, cache_graphs: bool | str
+        self,
+        closure: LossClosure,
+        params: dict[str, Tensor],
+        settings: _Settings,
+        cache_graphs: bool | str,
+        require_dependence: bool = True,
     ) -> None:
         if not settings.dtype.is_floating_point:
             raise TypeError(f"Parameters must be floating point, got {settings.dtype}.")
@@ -145,7 +150,8 @@ class HessianOperator:
         error: BaseException | None = None
         try:
             first = self._graphs.build(0)
-            if all(g is None for g in first.grads):
+            self._depends = any(g is not None for g in first.grads)
+            if require_dependence and not self._depends:
                 raise ValueError(
                     "The loss does not depend on the selected parameters (no autograd path from "
                     f"{', '.join(self.space.names[:6])} to the loss). Check `loss_fn` (does it call "
@@ -216,6 +222,15 @@ class HessianOperator:
     def num_batches(self) -> int:
         """Number of local batches."""
         return len(self.closure.batches)
+
+    @property
+    def depends_on_parameters(self) -> bool:
+        """Whether the loss depends on these parameters at all (else the Hessian is exactly zero).
+
+        Always true for an operator built from a model (it refuses such parameters); a block of one
+        (:meth:`restrict`) may hold parameters the loss never uses, e.g. a module left out of ``forward``.
+        """
+        return self._depends
 
     @property
     def choice(self) -> MethodChoice:

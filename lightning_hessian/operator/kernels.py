@@ -151,10 +151,19 @@ class ProductKernels:
             def hvp(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
                 return torch.func.jvp(gradient, (primals,), (tangent,))[1]
 
-            if batched:
-                result = torch.func.vmap(hvp, randomness="same")(tangents)
-            else:
-                result = hvp({k: t[0] for k, t in tangents.items()})
+            try:
+                if batched:
+                    result = torch.func.vmap(hvp, randomness="same")(tangents)
+                else:
+                    result = hvp({k: t[0] for k, t in tangents.items()})
+            except RuntimeError as error:
+                if "ZeroTensors are immutable" not in str(error):
+                    raise
+                raise RuntimeError(
+                    "forward-over-reverse products fail on this loss: torch.func's forward-mode AD raises "
+                    "'ZeroTensors are immutable' (a torch limitation, e.g. with F.mse_loss). Use "
+                    "hvp='auto' (it falls back to reverse-over-reverse) or hvp='reverse-over-reverse'."
+                ) from error
         return [result[n] for n in targets]
 
     def gradient(self, params: Mapping[str, Tensor]) -> Tensor:

@@ -181,6 +181,7 @@ def analyze(
     density_steps: int = 32,
     eigenvectors: bool = False,
     hvp: str = "auto",
+    reduction: str = "mean",
     process_group: Any = "auto",
     progress: Progress | None = None,
 ) -> HessianReport:
@@ -206,7 +207,8 @@ def analyze(
         method: ``"auto"``, ``"dense"`` (every block exactly) or ``"iterative"``.
         dense_limit: Largest block computed densely under ``"auto"``.
         mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype, e.g. ``torch.float64``.
+        dtype: Compute dtype, e.g. ``torch.float64`` (float32 rounding: see NOTE [Float32 Hessians] in
+            :mod:`lightning_hessian.exact`).
         seed: Seed of every random probe.
         batch_size_fn: ``batch -> number of samples``.
         tol: Relative residual tolerance of the eigenvalues.
@@ -217,6 +219,8 @@ def analyze(
         density_steps: Block Lanczos steps of the density (``density_probes`` products each).
         eigenvectors: Also return the top eigenvectors (iterative blocks).
         hvp: Hessian-vector product method (see :class:`HessianOperator`).
+        reduction: ``"mean"``: the size-weighted mean of batch losses; ``"sum"``: their plain sum (for a
+            ``loss_fn`` with ``reduction="sum"``).
         process_group: See :class:`HessianOperator`.
         progress: ``progress(done, planned)``, called as products complete.
 
@@ -254,6 +258,7 @@ def analyze(
         density_steps=density_steps,
         eigenvectors=eigenvectors,
         hvp=hvp,
+        reduction=reduction,
     )
     return analyze_with(model, loss_fn, data, settings, process_group=process_group, progress=progress)
 
@@ -301,6 +306,7 @@ def analyze_with(
         batch_size_fn=settings.batch_size_fn,
         hvp=settings.hvp,
         process_group=process_group,
+        reduction=settings.reduction,
     )
     groups = resolve_blocks(op.space.names, settings.blocks)
     sizes = {name: op.space.subspace(names).numel for name, names in groups.items()}

@@ -28,6 +28,8 @@ from .validation import check_callable, check_choice, check_dtype
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 MODES = ("eval", "train")
+#: How batch losses combine: their size-weighted mean, or their plain sum.
+REDUCTIONS = ("mean", "sum")
 _TRAIN_MODE_SEED = 0x1E55
 
 
@@ -43,6 +45,21 @@ def validate_mode(mode: str) -> str:
         MODES,
         "Use 'eval' (dropout off, BatchNorm running stats) or 'train' (BatchNorm batch statistics; "
         "running stats are left untouched).",
+    )
+
+
+def validate_reduction(reduction: str) -> str:
+    """Check ``reduction`` and return it.
+
+    Raises:
+        ValueError: If ``reduction`` is not ``"mean"`` or ``"sum"``.
+    """
+    return check_choice(
+        "reduction",
+        reduction,
+        REDUCTIONS,
+        "Use 'mean' (the size-weighted mean of batch losses, for mean-reduced losses) or 'sum' (their "
+        "plain sum, for losses with reduction='sum').",
     )
 
 
@@ -112,7 +129,7 @@ class _LossModule(nn.Module):
 
 
 class LossClosure:
-    """The size-weighted mean loss over a fixed list of batches as a function of the parameters.
+    """The mean (or sum) of the losses of a fixed list of batches as a function of the parameters.
 
     Args:
         model: The module; never modified.
@@ -122,6 +139,7 @@ class LossClosure:
         mode: ``"eval"`` or ``"train"``.
         dtype: Floating dtype for parameters, buffers and inputs; ``None`` keeps the parameters'.
         batch_size_fn: ``batch -> number of samples``; default: first dim of the first tensor.
+        reduction: ``"mean"``: the size-weighted mean of batch losses; ``"sum"``: their plain sum.
 
     Raises:
         ValueError: For empty ``data``, a bad ``mode``, or a batch of unknown size.
@@ -141,10 +159,12 @@ class LossClosure:
         mode: str = "eval",
         dtype: torch.dtype | None = None,
         batch_size_fn: BatchSizeFn | None = None,
+        reduction: str = "mean",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         self.mode = validate_mode(mode)
+        self.reduction = validate_reduction(reduction)
         dtype = check_dtype("dtype", dtype)
         self.model = model
         self.loss_fn = resolve_loss_fn(model, loss_fn)
@@ -240,5 +260,12 @@ class LossClosure:
         return loss.reshape(())
 
     def weight(self, index: int, total: int | None = None) -> float:
-        """Weight of batch ``index`` in the mean over ``total`` samples (default: this closure's)."""
+        """Weight of batch ``index``: its share of ``total`` samples (default: this closure's), or 1.
+
+        With ``reduction="mean"`` the objective is the size-weighted mean of the batch losses (the
+        loss of the concatenated data for a mean-reduced ``loss_fn``); with ``"sum"`` it is their
+        plain sum (the loss of the concatenated data for a sum-reduced ``loss_fn``).
+        """
+        if self.reduction == "sum":
+            return 1.0
         return self.batch_sizes[index] / (total or self.num_samples)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .batches import BatchSizeFn
-from .closure import validate_mode
+from .closure import validate_mode, validate_reduction
 from .operator import HVP_METHODS
 from .parameters import BlocksSpec, Patterns, check_blocks
 from .trace import METHODS as TRACE_METHODS
@@ -68,6 +68,7 @@ class AnalysisSettings:
     density_steps: int = 32
     eigenvectors: bool = False
     hvp: str = "auto"
+    reduction: str = "mean"
 
     def __post_init__(self) -> None:
         check_patterns("params", self.params)
@@ -91,6 +92,7 @@ class AnalysisSettings:
         check_int("density_probes", self.density_probes, 1, "Use at least one random probe.")
         check_int("density_steps", self.density_steps, 1, "Use at least one Lanczos step.")
         check_choice("hvp", self.hvp, HVP_METHODS)
+        validate_reduction(self.reduction)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

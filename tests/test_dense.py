@@ -110,3 +110,28 @@ def test_dense_hessian_too_large_is_rejected_before_allocating(monkeypatch):
     with pytest.raises(lh.HessianTooLargeError, match=r"needs 1\d\d\.\d\d GB.*`blocks=`.*`params=`"):
         lh.hessian(model, cross_entropy_loss, data)
     assert time.perf_counter() - start < 10
+
+
+def test_reduction_sum_is_the_hessian_of_the_summed_loss_over_uneven_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    parts = [(x[:3], y[:3]), (x[3:], y[3:])]
+
+    def summed(module, batch):
+        return F.cross_entropy(module(batch[0]), batch[1], reduction="sum")
+
+    whole = lh.hessian(model, summed, [(x, y)])
+    torch.testing.assert_close(
+        lh.hessian(model, summed, parts, reduction="sum"), whole, rtol=1e-12, atol=1e-12
+    )
+    # the default size-weighted mean of sum-reduced batch losses is not the loss of the whole data
+    assert not torch.allclose(lh.hessian(model, summed, parts), whole)
+    op = lh.HessianOperator(model, summed, parts, reduction="sum")
+    assert op.loss() == pytest.approx(float(summed(model, (x, y))), rel=1e-12)
+    report = lh.analyze(model, summed, parts, reduction="sum", top_k=1)
+    assert float(report.blocks["model"].eigenvalues.values[0]) == pytest.approx(
+        float(torch.linalg.eigvalsh(whole)[-1]), rel=1e-10
+    )
+    with pytest.raises(ValueError, match="`reduction='total'` is not supported. Use 'mean'"):
+        lh.HessianOperator(model, summed, parts, reduction="total")

@@ -127,7 +127,12 @@ def test_compiled_submodules_keep_their_names_in_blocks_and_patterns():
     names = list(lh.select_parameters(model))
     assert names == ["enc._orig_mod.weight", "enc._orig_mod.bias", "head.weight", "head.bias"]
     assert list(lh.resolve_blocks(names, "module")) == ["enc", "head"]
-    assert list(lh.resolve_blocks(names, "parameter")) == ["enc.weight", "enc.bias", "head.weight", "head.bias"]
+    assert list(lh.resolve_blocks(names, "parameter")) == [
+        "enc.weight",
+        "enc.bias",
+        "head.weight",
+        "head.bias",
+    ]
     assert list(lh.select_parameters(model, "enc.*")) == ["enc._orig_mod.weight", "enc._orig_mod.bias"]
     assert lh.resolve_blocks(names, {"encoder": "enc.weight"}) == {"encoder": ("enc._orig_mod.weight",)}
 

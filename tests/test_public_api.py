@@ -95,6 +95,7 @@ SIGNATURES = {
         ("density_steps", KW, "32"),
         ("eigenvectors", KW, "False"),
         ("hvp", KW, "'auto'"),
+        ("reduction", KW, "'mean'"),  # added: sum-reduced losses over several batches
         ("process_group", KW, "'auto'"),
         ("progress", KW, "None"),
     ],
@@ -109,6 +110,7 @@ SIGNATURES = {
         ("batch_size_fn", KW, "None"),
         ("hvp", KW, "'auto'"),
         ("chunk_size", KW, "None"),
+        ("reduction", KW, "'mean'"),  # added: sum-reduced losses over several batches
     ],
     "eigenvalues": [
         ("op", POS, REQUIRED),
@@ -158,6 +160,7 @@ SIGNATURES = {
         ("cache_graphs", KW, "'auto'"),
         ("chunk_size", KW, "None"),
         ("process_group", KW, "'auto'"),
+        ("reduction", KW, "'mean'"),  # added: sum-reduced losses over several batches
     ],
     "HessianCallback.__init__": [
         ("every_n_epochs", POS, "None"),
@@ -278,7 +281,16 @@ HESSIAN_OPERATOR_METHODS = [
     "to_dense",
 ]
 # `choice` was an instance attribute and is now a read-only property with the same value.
-HESSIAN_OPERATOR_PROPERTIES = ["choice", "device", "dtype", "num_batches", "parameters", "shape"]
+# `depends_on_parameters` is new: a block may hold parameters the loss never uses (a zero Hessian).
+HESSIAN_OPERATOR_PROPERTIES = [
+    "choice",
+    "depends_on_parameters",
+    "device",
+    "dtype",
+    "num_batches",
+    "parameters",
+    "shape",
+]
 
 
 def _public(cls) -> list[str]:

@@ -45,7 +45,10 @@ class _Settings:
 
 
 class HessianOperator:
-    """The Hessian ``H = d²L/dθ²`` of the size-weighted mean loss over ``data`` w.r.t. parameters.
+    """The Hessian ``H = d²L/dθ²`` of the loss over ``data`` w.r.t. parameters.
+
+    ``L`` is the size-weighted mean of the batch losses (``reduction="mean"``) or their sum
+    (``reduction="sum"``).
 
     ``op @ v`` multiplies a vector ``[N]``, ``op @ V`` a matrix ``[N, m]``. The operator is taken at
     the parameters' values when it is constructed (they are copied) and never modifies the model.
@@ -64,7 +67,9 @@ class HessianOperator:
         data: Iterable of batches (list or DataLoader).
         params: Glob pattern(s) on parameter names; default all trainable parameters.
         mode: ``"eval"`` (default) or ``"train"``.
-        dtype: Compute dtype (e.g. ``torch.float64``); default the parameters' dtype.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the parameters' dtype. Float32 products
+            carry float32 rounding through two differentiations (see NOTE [Float32 Hessians] in
+            :mod:`lightning_hessian.exact`).
         batch_size_fn: ``batch -> number of samples``; default first dim of the first tensor.
         hvp: ``"auto"``, ``"reverse-over-reverse"`` or ``"forward-over-reverse"``.
         cache_graphs: Keep each batch's first-order graph for reuse (``"auto"``: while it fits in a
@@ -72,6 +77,9 @@ class HessianOperator:
         chunk_size: Columns per batched product (default: sized from free memory).
         process_group: ``"auto"`` (the default group when ``torch.distributed`` is initialized with
             more than one rank), a process group, or ``None`` for this process's data only.
+        reduction: ``"mean"`` (default): the Hessian of the size-weighted mean of the batch losses,
+            right for mean-reduced losses; ``"sum"``: of their plain sum, i.e. of the loss of the
+            concatenated data for a ``loss_fn`` with ``reduction="sum"``.
 
     Raises:
         ValueError: For bad arguments, a non-scalar loss, or a loss that does not depend on the
@@ -97,6 +105,7 @@ class HessianOperator:
         cache_graphs: bool | str = "auto",
         chunk_size: int | None = None,
         process_group: Any = "auto",
+        reduction: str = "mean",
     ) -> None:
         check_choice("hvp", hvp, HVP_METHODS)
         check_choice("cache_graphs", cache_graphs, (True, False, "auto"))
@@ -106,7 +115,9 @@ class HessianOperator:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         selected = select_parameters(model, params)
-        closure = LossClosure(model, loss_fn, data, mode=mode, dtype=dtype, batch_size_fn=batch_size_fn)
+        closure = LossClosure(
+            model, loss_fn, data, mode=mode, dtype=dtype, batch_size_fn=batch_size_fn, reduction=reduction
+        )
         dtypes = {p.dtype for p in selected.values()}
         if closure.dtype is None and len(dtypes) > 1:
             raise ValueError(
@@ -248,7 +259,7 @@ class HessianOperator:
         self._graphs.release()
 
     def loss(self) -> float:
-        """The size-weighted mean loss over all batches (and ranks) at the operator's parameters.
+        """The loss over all batches (and ranks) at the operator's parameters (see ``reduction``).
 
         Raises:
             NonFiniteHessianError: If it is NaN or infinite (on any rank).
@@ -263,10 +274,10 @@ class HessianOperator:
                         value = self.closure.batch_loss(self._params, i)
                 else:
                     value = graph.loss
-                total += float(value) * self.closure.batch_sizes[i]
+                total += float(value) * self.closure.weight(i, self.num_samples)
             return total
 
-        return float(self.agreed_all_reduce(local, (1,), torch.float64, "The loss")) / self.num_samples
+        return float(self.agreed_all_reduce(local, (1,), torch.float64, "The loss"))
 
     def __matmul__(self, other: Tensor) -> Tensor:
         """``H @ v`` for ``v`` of shape ``[N]``, or ``H @ V`` for ``V`` of shape ``[N, m]``.

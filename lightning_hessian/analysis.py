@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from .parameters import BlocksSpec, Patterns, resolve_blocks
 from .probes import make_generator, rademacher
 from .results import BlockReport, EigenResult, HessianReport, SpectralDensity, TraceResult
 from .settings import AnalysisSettings
+from .shared_space import MIN_DENSITY_STEPS, shared_space_estimates
 from .trace import trace as estimate_trace
 from .validation import check_callable
 
@@ -100,6 +101,40 @@ def _zero_block(name: str, n: int, settings: AnalysisSettings) -> BlockReport:
     if settings.density:
         report.density = SpectralDensity(zero, torch.ones(1, dtype=torch.float64), num_matvecs=0, exact=True)
     return report
+
+
+def _shared_block(
+    name: str, op: _CountingOperator, settings: AnalysisSettings, start_vectors: Tensor | None
+) -> BlockReport:
+    """Every quantity of an iterative block from one block Krylov space (``krylov="shared"``)."""
+    n = op.shape[0]
+    shared = shared_space_estimates(
+        op,
+        top_k=min(settings.top_k, n),
+        min_eigenvalue=settings.min_eigenvalue,
+        density=settings.density,
+        trace=settings.trace,
+        tol=settings.tol,
+        num_probes=min(settings.density_probes, n),
+        min_steps=min(MIN_DENSITY_STEPS, settings.density_steps) if settings.density else 1,
+        max_steps=settings.density_steps,
+        trace_probes=settings.trace_matvecs,
+        seed=settings.seed,
+        start_vectors=start_vectors if start_vectors is not None and start_vectors.shape[0] == n else None,
+        keep_vectors=settings.keep_vectors,
+        return_vectors=settings.eigenvectors,
+    )
+    return BlockReport(
+        name=name,
+        size=n,
+        method="iterative",
+        eigenvalues=shared.eigenvalues,
+        min_eigenvalue=shared.min_eigenvalue,
+        trace=shared.trace,
+        density=shared.density,
+        num_matvecs=shared.num_matvecs,
+        ritz_vectors=shared.vectors,
+    )
 
 
 def _iterative_block(
@@ -182,6 +217,8 @@ def analyze(
     eigenvectors: bool = False,
     hvp: str = "auto",
     reduction: str = "mean",
+    krylov: str = "separate",
+    keep_vectors: int = 0,
     process_group: Any = "auto",
     progress: Progress | None = None,
 ) -> HessianReport:
@@ -221,6 +258,12 @@ def analyze(
         hvp: Hessian-vector product method (see :class:`HessianOperator`).
         reduction: ``"mean"``: the size-weighted mean of batch losses; ``"sum"``: their plain sum (for a
             ``loss_fn`` with ``reduction="sum"``).
+        krylov: ``"separate"``: each quantity of an iterative block from its own estimator (Lanczos
+            per end of the spectrum, ``trace_method``, SLQ); ``"shared"``: all from one block Krylov
+            space (:mod:`lightning_hessian.shared_space`): ``density_probes`` probes, at most
+            ``density_steps`` steps, ``trace_matvecs`` remainder probes, far fewer products.
+        keep_vectors: Top Ritz vectors each iterative block keeps (``krylov="shared"``), for a warm
+            start of the next analysis (``analyze_with(..., start_vectors=...)``).
         process_group: See :class:`HessianOperator`.
         progress: ``progress(done, planned)``, called as products complete.
 
@@ -259,6 +302,8 @@ def analyze(
         eigenvectors=eigenvectors,
         hvp=hvp,
         reduction=reduction,
+        krylov=krylov,
+        keep_vectors=keep_vectors,
     )
     return analyze_with(model, loss_fn, data, settings, process_group=process_group, progress=progress)
 
@@ -271,6 +316,7 @@ def analyze_with(
     *,
     process_group: Any = "auto",
     progress: Progress | None = None,
+    start_vectors: Mapping[str, Tensor] | None = None,
 ) -> HessianReport:
     """:func:`analyze` with its settings given as one :class:`AnalysisSettings` object.
 
@@ -281,6 +327,8 @@ def analyze_with(
         settings: What to measure and how.
         process_group: See :class:`HessianOperator`.
         progress: ``progress(done, planned)``, called as products complete.
+        start_vectors: Warm-start vectors by block name (``krylov="shared"``), e.g. the previous
+            evaluation's ``report.blocks[name].ritz_vectors``; ignored where the size differs.
 
     Returns:
         A :class:`~lightning_hessian.results.HessianReport`.
@@ -318,7 +366,12 @@ def analyze_with(
     if settings.method == "dense":
         agreed_dense_check(op, sizes.values())
     iterative = [name for name in groups if name not in dense]
-    shared_trace = settings.trace and len(iterative) > 1 and settings.trace_method != "exact"
+    shared_trace = (
+        settings.trace
+        and len(iterative) > 1
+        and settings.trace_method != "exact"
+        and settings.krylov == "separate"
+    )
     tracker = _Progress(progress, _planned_products(sizes, dense, settings))
     report = HessianReport(loss=op.loss(), num_samples=op.num_samples)
     if not math.isfinite(report.loss):
@@ -343,7 +396,11 @@ def analyze_with(
             block = _dense_block(name, block_op, settings)
             tracker.advance(block.size)
         else:
-            block = _iterative_block(name, _CountingOperator(block_op, tracker), settings, shared_trace)
+            counting = _CountingOperator(block_op, tracker)
+            if settings.krylov == "shared":
+                block = _shared_block(name, counting, settings, (start_vectors or {}).get(name))
+            else:
+                block = _iterative_block(name, counting, settings, shared_trace)
         if not single:
             block_op.release_graphs()
         block.seconds = time.perf_counter() - block_start
@@ -376,6 +433,12 @@ def _planned_products(sizes: dict[str, int], dense: set[str], settings: Analysis
     for name, n in sizes.items():
         if name in dense:
             planned += n
+            continue
+        if settings.krylov == "shared":
+            planned += (
+                min(n, settings.density_probes * settings.density_steps)
+                + settings.trace_matvecs * settings.trace
+            )
             continue
         search = min(n, settings.max_matvecs or 100)
         planned += search * (bool(settings.top_k) + bool(settings.min_eigenvalue))

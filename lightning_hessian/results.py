@@ -165,6 +165,8 @@ class BlockReport:
         spectrum: All eigenvalues, ascending, when computed exactly; else ``None``.
         num_matvecs: Hessian-vector products spent on this block.
         seconds: Wall time spent on this block.
+        ritz_vectors: ``[n, r]`` top Ritz vectors kept for a warm start of the next evaluation
+            (``krylov="shared"`` with ``keep_vectors > 0``), else ``None``.
     """
 
     name: str
@@ -177,6 +179,7 @@ class BlockReport:
     spectrum: Tensor | None = None
     num_matvecs: int = 0
     seconds: float = 0.0
+    ritz_vectors: Tensor | None = None
 
 
 @dataclass

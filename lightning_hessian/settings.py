@@ -33,6 +33,8 @@ from .validation import (
 #: How blocks are computed: exactly up to ``dense_limit`` parameters (``"auto"``), always exactly
 #: (``"dense"``), or always from Hessian-vector products (``"iterative"``).
 ANALYSIS_METHODS = ("auto", "dense", "iterative")
+#: How an iterative block is estimated: one Krylov space per quantity, or one shared by all of them.
+KRYLOV_MODES = ("separate", "shared")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class AnalysisSettings:
     eigenvectors: bool = False
     hvp: str = "auto"
     reduction: str = "mean"
+    krylov: str = "separate"
+    keep_vectors: int = 0
 
     def __post_init__(self) -> None:
         check_patterns("params", self.params)
@@ -93,6 +97,10 @@ class AnalysisSettings:
         check_int("density_steps", self.density_steps, 1, "Use at least one Lanczos step.")
         check_choice("hvp", self.hvp, HVP_METHODS)
         validate_reduction(self.reduction)
+        check_choice("krylov", self.krylov, KRYLOV_MODES)
+        check_int(
+            "keep_vectors", self.keep_vectors, 0, "It is the number of Ritz vectors kept for a warm start."
+        )
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

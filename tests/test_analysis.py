@@ -285,3 +285,34 @@ def test_a_module_the_loss_does_not_use_is_a_zero_block_and_the_rest_is_evaluate
         top = torch.linalg.eigvalsh(exact[name]).flip(0)[:3]
         torch.testing.assert_close(block.eigenvalues.values, top, rtol=1e-5, atol=1e-8)
     assert exact["unused"].abs().max() == 0
+
+
+def test_shared_krylov_blocks_match_the_exact_spectrum_with_fewer_products():
+    from lightning_hessian.analysis import analyze_with
+    from lightning_hessian.settings import AnalysisSettings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    data = [(torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 3, (64,)))]
+    exact = torch.linalg.eigvalsh(lh.hessian(model, cross_entropy_loss, data))
+    settings = AnalysisSettings(
+        method="iterative", krylov="shared", tol=1e-6, trace_matvecs=16, keep_vectors=3
+    )
+    report = analyze_with(model, cross_entropy_loss, data, settings)
+    block = report.blocks["model"]
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(block.eigenvalues.values, exact.flip(0)[:3], rtol=0, atol=1e-6 * scale)
+    torch.testing.assert_close(block.min_eigenvalue.values, exact[:1], rtol=0, atol=1e-6 * scale)
+    assert bool(block.eigenvalues.converged.all()) and bool(block.min_eigenvalue.converged.all())
+    assert abs(block.trace.value - float(exact.sum())) <= max(1e-9, 4 * block.trace.stderr)
+    assert block.trace.method == "krylov-aware" and block.density is not None
+    assert block.ritz_vectors.shape == (exact.numel(), 3)
+    assert report.num_matvecs == block.num_matvecs
+    separate = lh.analyze(model, cross_entropy_loss, data, method="iterative", tol=1e-6, trace_matvecs=16)
+    assert report.num_matvecs < separate.num_matvecs
+    warm = analyze_with(
+        model, cross_entropy_loss, data, settings, start_vectors={"model": block.ritz_vectors, "other": exact}
+    )
+    torch.testing.assert_close(
+        warm.blocks["model"].eigenvalues.values, block.eigenvalues.values, rtol=0, atol=2e-6 * scale
+    )

@@ -96,6 +96,8 @@ SIGNATURES = {
         ("eigenvectors", KW, "False"),
         ("hvp", KW, "'auto'"),
         ("reduction", KW, "'mean'"),  # added: sum-reduced losses over several batches
+        ("krylov", KW, "'separate'"),  # added: one shared Krylov space per block
+        ("keep_vectors", KW, "0"),  # added: Ritz vectors kept for warm starts
         ("process_group", KW, "'auto'"),
         ("progress", KW, "None"),
     ],
@@ -388,6 +390,7 @@ RESULT_FIELDS = {
         ("spectrum", "None"),
         ("num_matvecs", "0"),
         ("seconds", "0.0"),
+        ("ritz_vectors", "None"),  # added: warm starts of the shared Krylov space
     ],
     "HessianReport": [
         ("blocks", "<factory dict>"),

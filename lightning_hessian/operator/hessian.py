@@ -369,10 +369,10 @@ class HessianOperator:
         m = rows.shape[0]
         if out is None:
             out = torch.empty(m, self.space.subspace(targets).numel, dtype=self.dtype, device=self.device)
-        method = self._selector.method_for(rows, support, targets)
-        if method.batched:
+        method, done = self._selector.method_for(rows, support, targets, out)
+        if method.batched and done < m:
             try:
-                self._kernels.products(rows, method.method, True, support, targets, out=out)
+                self._kernels.products(rows[done:], method.method, True, support, targets, out=out[done:])
                 self.num_matvecs += m
                 return out
             except Exception as error:  # noqa: BLE001 - vmap lacks batching rules for some layers
@@ -383,7 +383,7 @@ class HessianOperator:
                     stacklevel=3,
                 )
                 self._selector.demote(support, targets)
-        for j in range(m):
+        for j in range(done, m):
             self._kernels.products(
                 rows[j : j + 1], self.choice.vector, False, support, targets, out=out[j : j + 1]
             )

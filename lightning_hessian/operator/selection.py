@@ -1,5 +1,12 @@
 """``hvp="auto"``: choose the product method by measuring it on the model at hand.
 
+# NOTE [Cheap method choice]
+# The operator-wide choice runs each candidate once on the first vector (the winner's product is the
+# caller's result) and the winner's batched form once on the first chunk of several columns (its
+# products are the chunk's own), so choosing costs about one product of the slower method. Single
+# timings are noisier than the best of several rounds; the choice is remembered per problem, and the
+# dense path, which spends thousands of products, still times each wide block's batched candidates.
+
 Some ``torch.func`` compositions fail on some layers, and the faster method differs between models,
 between one vector and many, and between parameter blocks of one model (for a wide last layer whose
 products stop at the logits, reverse-over-reverse can be several times faster per column than
@@ -27,13 +34,10 @@ from torch import Tensor, nn
 from ..batches import batch_signature
 from ..closure import LossClosure
 from ..parameters import ROOT_MODULE_NAME, ParameterSpace, module_name_of
-from .kernels import METHODS, ProductKernels
+from .kernels import METHODS, REVERSE, ProductKernels
 
-#: Columns timed per candidate when choosing the batched method.
-SELECTION_COLUMNS = 32
 #: A support (parameter block) at least this wide gets its own batched-method choice.
 BLOCK_SELECTION_MIN_COLUMNS = 1024
-_VECTOR_ROUNDS = 3  # timed runs per candidate (after a warm-up), interleaved; the fastest counts
 _MATRIX_ROUNDS = 2
 _WARM_UP_COLUMNS = 4  # untimed first batched run of each candidate
 _MEMORY_SIZE = 64  # problems whose choice the process remembers
@@ -159,37 +163,44 @@ class MethodSelector:
         self.block_seconds: dict[Pair, dict[str, float]] = {}
         self._settled: set[Pair] = set()
 
-    def method_for(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> MatrixMethod:
+    def method_for(
+        self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...], out: Tensor
+    ) -> tuple[MatrixMethod, int]:
         """The method for a chunk of ``rows`` (``[m, N_support]``), choosing it on them if needed.
 
-        The first single product chooses the vector method; the first product of several columns
-        chooses the batched method. With ``"auto"``, a support at least
-        :data:`BLOCK_SELECTION_MIN_COLUMNS` wide that restricts the operator (as the dense path does,
-        block by block) gets its own choice on its first chunk, after the operator-wide one.
+        The first product chooses the vector method, the first product of several columns the
+        batched one; the products computed while choosing are the chunk's own (written into
+        ``out``), so a choice costs about one extra product (see NOTE [Cheap method choice]). With
+        ``"auto"``, a support at least :data:`BLOCK_SELECTION_MIN_COLUMNS` wide that restricts the
+        operator (as the dense path does, block by block) gets its own, measured choice on its first
+        chunk, after the operator-wide one.
 
         Args:
             rows: The chunk to multiply.
             support: Parameter names the rows live on.
             targets: Parameter names whose product entries are wanted.
+            out: ``[m, N_targets]``: where the products computed while choosing go.
 
         Returns:
-            The method: for one row, never batched.
+            ``(method, done)``: the method for the rest of the chunk (never batched for one row)
+            and how many leading rows of ``out`` are already computed.
         """
-        chose_now = False
+        done, chose_now = 0, False
         if self.choice.vector is None:
-            self._choose_vector(rows[:1], support, targets)
-            chose_now = True
+            self._choose_vector(rows[:1], support, targets, out[:1])
+            done, chose_now = 1, True
         if rows.shape[0] == 1:
-            return MatrixMethod(self.choice.vector, batched=False)
-        if self.choice.matrix is None:
-            self._choose_matrix(rows[:SELECTION_COLUMNS], support, targets)
+            return MatrixMethod(self.choice.vector, batched=False), done
+        if self.choice.matrix is None and rows.shape[0] - done >= 2:
+            done = self._choose_matrix(rows, support, targets, out, done)
             chose_now = True
         pair = (support, targets)
-        if pair not in self._settled and self._restricts(pair):
+        if pair not in self._settled and self._restricts(pair) and self.choice.matrix is not None:
             self._settled.add(pair)
             if not chose_now and self.kernels.space.subspace(support).numel >= BLOCK_SELECTION_MIN_COLUMNS:
                 self._choose_block(rows, pair)
-        return self.block_methods.get(pair, self.choice.matrix)
+        method = self.block_methods.get(pair, self.choice.matrix)
+        return method or MatrixMethod(self.choice.vector, batched=False), done
 
     def demote(self, support: tuple[str, ...], targets: tuple[str, ...]) -> None:
         """Use a loop of single products where the batched method failed."""
@@ -210,22 +221,67 @@ class MethodSelector:
             _MEMORY.pop(next(iter(_MEMORY)))
         _MEMORY[self.key] = self.choice.copy()
 
-    def _choose_vector(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> None:
-        results, seconds = self._time(
-            rows,
-            list(METHODS),
-            lambda name: self.kernels.products(rows, name, False, support, targets),
-            rounds=_VECTOR_ROUNDS,
+    def _choose_vector(
+        self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...], out: Tensor
+    ) -> None:
+        """Run every candidate once on one vector, keep the fastest that works; its result goes to ``out``."""
+        if self.kernels.graphs.enabled:  # built now, not inside reverse-over-reverse's timing
+            for index in range(len(self.kernels.closure.batches)):
+                self.kernels.graphs.get(index)
+        results, seconds = self._time_once(
+            rows, list(METHODS), lambda name: self.kernels.products(rows, name, False, support, targets)
         )
         self.choice.seconds.update(seconds)
         self.choice.vector = self._pick(results, seconds, rows, support, targets)
+        out.copy_(results[self.choice.vector])
+        if self.choice.vector != REVERSE:
+            self.kernels.graphs.release()
         self._remember()
 
-    def _choose_matrix(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> None:
-        """Time the batched forms against a loop of the chosen vector method on ``rows``."""
-        self.choice.matrix, seconds = self._select_batched(rows, support, targets, vector_seconds=None)
-        self.choice.seconds.update({f"{k} (batched)": v for k, v in seconds.items()})
+    def _choose_matrix(
+        self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...], out: Tensor, done: int
+    ) -> int:
+        """Run the chosen method batched on the rest of the chunk and keep it if it beats a loop.
+
+        Returns:
+            How many leading rows of ``out`` are computed (all of them, unless batching failed).
+        """
+        vector, rest = self.choice.vector, rows[done:]
+        results, seconds = self._time_once(
+            rest, [vector], lambda name: self.kernels.products(rest, name, True, support, targets)
+        )
+        if vector not in results:  # batching failed (e.g. no vmap rule): a loop of single products
+            self.choice.failures[f"{vector} (batched)"] = self.choice.failures.pop(vector)
+            self.choice.matrix = MatrixMethod(vector, batched=False)
+            self._remember()
+            return done
+        self.choice.seconds[f"{vector} (batched)"] = seconds[vector]
+        batched = seconds[vector] <= self.choice.seconds.get(vector, math.inf)
+        self.choice.matrix = MatrixMethod(vector, batched=batched)
+        out[done:].copy_(results[vector])
         self._remember()
+        return rows.shape[0]
+
+    def _time_once(
+        self, rows: Tensor, candidates: list[str], run: Callable[[str], Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Run each candidate once, timed per row; one that raises or gives non-finite products is out."""
+        results: dict[str, Tensor] = {}
+        seconds: dict[str, float] = {}
+        for name in candidates:
+            try:
+                start = time.perf_counter()
+                product = run(name)
+                seconds[name] = (time.perf_counter() - start) / rows.shape[0]
+            except Exception as error:  # noqa: BLE001 - any failure disqualifies the method
+                self.choice.failures[name] = f"{type(error).__name__}: {error}"
+                continue
+            if bool(torch.isfinite(product).all()):
+                results[name] = product
+            else:
+                self.choice.failures[name] = "non-finite products"
+                seconds.pop(name)
+        return results, seconds
 
     def _choose_block(self, rows: Tensor, pair: Pair) -> None:
         loop = self.choice.vector

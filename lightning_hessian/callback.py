@@ -12,6 +12,7 @@ it logs, when it evaluates); the hooks and the evaluation flow are the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,18 +21,26 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from .analysis import analyze_with
+from .callback_checks import (
+    check_batch_size,
+    check_loss_fn,
+    check_parameter_selection,
+    compute_dtype,
+    warn_unreachable_schedule,
+)
 from .distributed import agree_on_failure, trainer_process_group
-from .evaluation_data import EvaluationBatches, check_data_source
+from .evaluation_data import EvaluationBatches, LightningBatchSize, check_data_source, check_validation_data
 from .lightning_internals import check_private_apis, state_key
 from .reporting import DEFAULT_PREFIX, ProgressBar, ReportLogger, save_report
 from .results import HessianReport
 from .schedule import Schedule
 from .settings import AnalysisSettings
+from .state import preserved_python_state
 from .validation import check_bool, check_callable, check_choice, check_int
 
 if TYPE_CHECKING:
@@ -44,12 +53,17 @@ ON_ERROR = ("warn", "raise")
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
+# Callback arguments that `analyze_kwargs` may still carry (they were settings before they were arguments).
+ALSO_IN_ANALYZE_KWARGS = frozenset({"batch_size_fn"})
+
+
 def _check_analyze_kwargs(kwargs: Any) -> dict[str, Any]:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, Mapping):
         raise TypeError(f"`analyze_kwargs` must be a dict of analyze() settings, got {kwargs!r}.")
-    own = sorted(set(kwargs) & set(inspect.signature(HessianCallback.__init__).parameters))
+    arguments = set(inspect.signature(HessianCallback.__init__).parameters) - ALSO_IN_ANALYZE_KWARGS
+    own = sorted(set(kwargs) & arguments)
     if own:
         raise ValueError(
             f"`analyze_kwargs` sets {own}, which are HessianCallback arguments; pass them directly, "
@@ -98,6 +112,23 @@ class HessianCallback(Callback):
     ``ModelCheckpoint``/``EarlyStopping`` that monitors a ``hessian/...`` value needs
     ``save_on_train_epoch_end=True`` / ``check_on_train_epoch_end=True`` when the run validates.
 
+    Each ``trainer.fit`` starts a new schedule and captures new batches (the :attr:`history` goes on),
+    except the resume of a checkpoint (``fit(..., ckpt_path=...)``), which continues the checkpointed
+    run's schedule. Setup mistakes stop ``fit`` before training with a
+    ``MisconfigurationException`` naming the fix: ``params=``/``blocks=`` patterns that match no
+    parameter, ``data="val"`` without a validation dataloader, manual optimization without
+    ``loss_fn``, a parameter-sharding strategy, a training batch whose size cannot be told. A
+    schedule that cannot fire within ``max_epochs``/``max_steps`` is a warning.
+
+    With the default loss (the module's ``training_step``) the evaluations run ``training_step``
+    again, many times. The callback undoes what that does to the module: ``self.log`` is silenced, and
+    afterwards every torchmetrics ``Metric`` of the module holds its states, update count and cached
+    result as before, and every submodule's Python number attributes (counters, flags) their values.
+    It cannot undo other effects: containers changed in place (a list ``training_step`` appends to),
+    tensor attributes that are not parameters, buffers or metric states, ``print``, files, or anything
+    outside the module. For a ``training_step`` with such effects pass ``loss_fn=`` computing only the
+    loss.
+
     Args:
         every_n_epochs: Evaluate after epochs ``n, 2n, ...`` (counted from 1, like
             ``check_val_every_n_epoch``). When none of ``every_n_epochs``, ``epochs`` and
@@ -118,16 +149,19 @@ class HessianCallback(Callback):
         trace: Estimate the trace.
         density: Estimate the spectral density (SLQ), for histograms and figures of iterative blocks.
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's own ``training_step``
-            (with ``self.log`` silenced). Required with manual optimization, and advisable when
-            ``training_step`` has side effects such as updating torchmetrics.
+            (with ``self.log`` silenced, its metrics and number attributes restored; see above).
+            Required with manual optimization, and advisable when ``training_step`` has other side
+            effects.
         mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"``.
-        dtype: Compute dtype (``torch.float64`` or ``"float64"``); default the parameters' dtype.
+        dtype: Compute dtype (``torch.float64`` or ``"float64"``); default the parameters' dtype, except
+            for float16/bfloat16 parameters (``precision="bf16-true"``, ``"16-true"``), whose Hessian
+            is computed in float32 (said once at the start of ``fit``).
         seed: Seed of every random probe (the training RNG is never touched).
         method: ``"auto"``, ``"dense"`` or ``"iterative"`` (passed to ``analyze``).
         dense_limit: Blocks up to this size are computed exactly with ``method="auto"``.
         analyze_kwargs: More settings of :func:`lightning_hessian.analyze` (the
             :class:`~lightning_hessian.settings.AnalysisSettings` this callback has no argument for),
-            e.g. ``{"trace_matvecs": 30, "density_steps": 64, "batch_size_fn": ...}``.
+            e.g. ``{"trace_matvecs": 30, "density_steps": 64}``.
         on_error: ``"warn"``: a failed evaluation (NaN loss, non-finite products, out of memory,
             any exception) becomes one warning and a skipped evaluation; ``"raise"``: it stops training.
         histograms: Log ``hessian/B/spectrum`` histograms to loggers that take them.
@@ -137,10 +171,17 @@ class HessianCallback(Callback):
             ``<log_dir>/hessian_reports/epoch=E-step=S.pt`` (load with ``weights_only=False``).
         progress_bar: Show a progress bar of Hessian-vector products during long evaluations (only
             while the trainer's own progress bar is enabled).
+        batch_size_fn: ``batch -> number of samples``, which weights each batch in the mean loss;
+            default Lightning's own rule (``extract_batch_size``: the first tensor's first
+            dimension), with a warning when a batch's tensors disagree. Pass it for time-major
+            tensors or batches without a tensor holding the samples.
 
     Raises:
-        TypeError: For an argument of the wrong type, naming it and the fix.
-        ValueError: For an argument of the right type but an unsupported value, naming it and the fix.
+        TypeError: For an argument of the wrong type (a ``loss_fn`` that cannot be called as
+            ``loss_fn(module, batch)`` included), naming it and the fix.
+        ValueError: For an argument of the right type but an unsupported value (one batch passed as
+            ``data=(x, y)``, or ``batch_size_fn`` given both directly and in ``analyze_kwargs``
+            included), naming it and the fix.
 
     Example:
         >>> import lightning as L
@@ -178,6 +219,7 @@ class HessianCallback(Callback):
         histogram_bins: int = 64,
         save_reports: bool = False,
         progress_bar: bool = True,
+        batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
         super().__init__()
         self.schedule = Schedule.create(every_n_epochs, epochs, every_n_steps, evaluate_at_end)
@@ -191,6 +233,14 @@ class HessianCallback(Callback):
             None if num_batches is None else check_int("num_batches", num_batches, 1, "Pass e.g. 4.")
         )
         self.analyze_kwargs = _check_analyze_kwargs(analyze_kwargs)
+        more = dict(self.analyze_kwargs)
+        if batch_size_fn is not None:
+            if "batch_size_fn" in more:
+                raise ValueError(
+                    "`batch_size_fn` is given twice, as an argument and in `analyze_kwargs`; pass it "
+                    "once: HessianCallback(batch_size_fn=...)."
+                )
+            more["batch_size_fn"] = batch_size_fn
         self.settings = AnalysisSettings.create(
             "analyze_kwargs",
             params=params,
@@ -204,10 +254,11 @@ class HessianCallback(Callback):
             seed=seed,
             method=method,
             dense_limit=dense_limit,
-            **self.analyze_kwargs,
+            **more,
         )
         if loss_fn is not None:
             check_callable("loss_fn", loss_fn, "loss_fn(module, batch) (or None to use training_step)")
+            check_loss_fn(loss_fn)
         self.loss_fn = loss_fn
         self.on_error = check_choice(
             "on_error",
@@ -230,6 +281,8 @@ class HessianCallback(Callback):
         self._epoch: int | None = None  # the epoch in progress (the last one trained, at the end)
         self._report_dir: Path | None = None
         self._warned: set[str] = set()
+        self._lightning_batch_size = LightningBatchSize()
+        self._resuming = False  # load_state_dict ran since the last fit started: continue its run
 
     params = _setting("params")
     blocks = _setting("blocks")
@@ -274,12 +327,15 @@ class HessianCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the history and schedule position of a checkpointed run.
 
-        The batches themselves are not checkpointed: they are captured again after the resume, and
-        a warning says so if they differ from the checkpointed run's (by fingerprint).
+        The next ``fit`` continues that run instead of starting a new one. The batches themselves are
+        not checkpointed: they are captured again after the resume, and a warning says so if they
+        differ from the checkpointed run's (by fingerprint).
         """
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
         self._last_step = state_dict.get("last_step")
+        self._batches = EvaluationBatches(self.data, self.num_batches)
         self._batches.expected_fingerprint = state_dict.get("fingerprint")
+        self._resuming = True
 
     @property
     def batches(self) -> list[Any]:
@@ -322,6 +378,36 @@ class HessianCallback(Callback):
             # `log_dir` broadcasts from rank 0, so every rank must ask.
             self._report_dir = Path(trainer.log_dir or trainer.default_root_dir) / "hessian_reports"
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the setup against the module (its parameters exist now) and the trainer; start a new
+        schedule and a new capture of batches, unless this fit resumes a checkpointed run.
+
+        Raises:
+            MisconfigurationException: For ``params=``/``blocks=`` patterns that match no parameter,
+                or ``data="val"`` in a run without a validation dataloader.
+        """
+        module = trainer.lightning_module or pl_module
+        check_parameter_selection(module, self.settings)
+        if self.data == "val":
+            check_validation_data(trainer)
+        warn_unreachable_schedule(self.schedule, trainer.max_epochs, trainer.max_steps)
+        if not self._resuming:
+            self._last_step, self._epoch = None, None
+            self._batches = EvaluationBatches(self.data, self.num_batches)
+            self._warned.clear()
+        self._resuming = False
+        dtype = compute_dtype(module, self.settings.dtype)
+        if dtype != self.settings.dtype and "dtype" not in self._warned:
+            self._warned.add("dtype")
+            rank_zero_info(
+                f"HessianCallback: the parameters are in half precision; the Hessian is computed in "
+                f"{dtype} (pass dtype= to choose)."
+            )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Forget a loaded checkpoint that no ``fit`` resumed (``validate(ckpt_path=...)`` loads one too)."""
+        self._resuming = False
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember the epoch in progress (``current_epoch`` moves on before ``on_train_end``)."""
         self._epoch = trainer.current_epoch
@@ -329,8 +415,15 @@ class HessianCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """With ``data="train"``, copy the first ``num_batches`` batches (already on the device)."""
+        """With ``data="train"``, copy the first ``num_batches`` batches (already on the device).
+
+        Raises:
+            MisconfigurationException: If the number of samples in the first batch cannot be told.
+        """
+        first = not self._batches.batches
         self._batches.capture(batch)
+        if first and self._batches.batches:
+            check_batch_size(self._batches.batches[0], self._batch_size_fn)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -343,13 +436,10 @@ class HessianCallback(Callback):
         """Freeze the captured training batches; evaluate when the epoch is scheduled."""
         if self.data == "train":
             self._batches.finalize()
-        epoch = trainer.current_epoch
-        if not self.schedule.epoch_due(epoch):
+        if not self.schedule.epoch_due(trainer.current_epoch):
             return
-        if any(entry["epoch"] == epoch and entry["reason"] == "epoch" for entry in self.history):
-            return  # evaluated before the checkpoint this run resumed from
         if trainer.global_step == self._last_step:
-            return  # this model state was just evaluated (by every_n_steps)
+            return  # this model state was just evaluated (by every_n_steps, or before a checkpoint)
         self._evaluate(trainer, pl_module, "epoch")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -358,6 +448,18 @@ class HessianCallback(Callback):
             self._evaluate(trainer, pl_module, "end")
 
     # ------------------------------------------------------------------------------------ work
+    @property
+    def _batch_size_fn(self) -> Callable[[Any], int]:
+        return self.settings.batch_size_fn or self._lightning_batch_size
+
+    def _analysis_settings(self, module: pl.LightningModule) -> AnalysisSettings:
+        """The settings of an evaluation: the user's, with the batch-size rule and compute dtype filled in."""
+        return dataclasses.replace(
+            self.settings,
+            batch_size_fn=self._batch_size_fn,
+            dtype=compute_dtype(module, self.settings.dtype),
+        )
+
     def _evaluation_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
         batches = self._batches.get(trainer, pl_module.device)
         if not self._batches.final:
@@ -428,12 +530,17 @@ class HessianCallback(Callback):
     ) -> HessianReport:
         show = self.progress_bar and trainer.progress_bar_callback is not None and trainer.is_global_zero
         description = f"Hessian (epoch {epoch}, step {trainer.global_step})"
-        with torch.inference_mode(False), torch.enable_grad(), ProgressBar.shown(show, description) as bar:
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            preserved_python_state(module),
+            ProgressBar.shown(show, description) as bar,
+        ):
             report = analyze_with(
                 module,
                 self.loss_fn,
                 batches,
-                self.settings,
+                self._analysis_settings(module),
                 process_group=trainer_process_group(trainer),
                 progress=bar,
             )

@@ -7,16 +7,19 @@ generator are restored), and batches must reach the module's device exactly as t
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from .batches import detached_copy, fingerprint
-from .lightning_internals import before_batch_transfer, validation_source_loader
+from .batches import detached_copy, fingerprint, iter_tensors
+from .lightning_internals import before_batch_transfer, validation_source_defined, validation_source_loader
 from .state import preserved_rng_state
 from .validation import check_choice
 
@@ -24,6 +27,34 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 DATA_SOURCES = ("train", "val")
+NO_VALIDATION_DATA = (
+    "HessianCallback(data='val') needs a validation dataloader, but this run has none. "
+    "Define `val_dataloader()` (or pass `val_dataloaders=` to `fit`), or use data='train' or "
+    "data=<a list of batches or a DataLoader>."
+)
+BATCH_SIZE_FIX = "Pass HessianCallback(batch_size_fn=lambda batch: <number of samples in batch>)."
+
+
+def looks_like_one_batch(value: Any) -> bool:
+    """Whether a ``data=`` tuple or list is almost surely one batch rather than a list of batches.
+
+    A tuple of two or more tensors sharing their first dimension is read as one batch, e.g.
+    ``(x, y)``; so is such a list when its tensors differ in dtype (inputs and integer labels), since
+    the tensor batches of one list share their dtype.
+
+    Example:
+        >>> looks_like_one_batch((torch.zeros(8, 3), torch.zeros(8, dtype=torch.long)))
+        True
+        >>> looks_like_one_batch([torch.zeros(8, 3), torch.zeros(8, 3)])
+        False
+    """
+    if not isinstance(value, tuple | list) or len(value) < 2:
+        return False
+    if not all(isinstance(item, Tensor) and item.ndim > 0 for item in value):
+        return False
+    if len({item.shape[0] for item in value}) != 1:
+        return False
+    return isinstance(value, tuple) or len({item.dtype for item in value}) > 1
 
 
 def check_data_source(value: Any) -> str | Iterable[Any]:
@@ -31,7 +62,8 @@ def check_data_source(value: Any) -> str | Iterable[Any]:
 
     Raises:
         TypeError: For a tensor (a single batch) or a non-iterable.
-        ValueError: For an unknown source name.
+        ValueError: For an unknown source name, or one batch passed as ``data=(x, y)`` (see
+            :func:`looks_like_one_batch`).
 
     Example:
         >>> check_data_source("val")
@@ -49,6 +81,14 @@ def check_data_source(value: Any) -> str | Iterable[Any]:
         raise TypeError(
             f"`data` must be 'train', 'val' or an iterable of batches (a list or a DataLoader), got "
             f"{type(value).__name__}; wrap a single batch in a list: data=[batch]."
+        )
+    if looks_like_one_batch(value):
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in value)
+        raise ValueError(
+            f"`data` is a {type(value).__name__} of {len(value)} tensors sharing their first dimension "
+            f"({shapes}): that is one batch, which `data` would read as {len(value)} batches. Wrap it "
+            "in a list: data=[(x, y)] (a list of batches). If these really are separate batches, pass "
+            "them as a list of batches of the form the loss expects."
         )
     return value
 
@@ -143,12 +183,62 @@ def validation_loader(trainer: pl.Trainer) -> Any:
     if loader is None:
         loader = first_loader(validation_source_loader(trainer))
     if loader is None:
-        raise ValueError(
-            "HessianCallback(data='val') needs a validation dataloader, but this run has none. "
-            "Define `val_dataloader()` (or pass `val_dataloaders=` to `fit`), or use data='train' or "
-            "data=<a list of batches or a DataLoader>."
-        )
+        raise ValueError(NO_VALIDATION_DATA)
     return loader
+
+
+def check_validation_data(trainer: pl.Trainer) -> None:
+    """Check, before training, that a ``fit`` run has a validation dataloader (without loading it).
+
+    Raises:
+        MisconfigurationException: If the run defines no validation dataloader.
+    """
+    if first_loader(trainer.val_dataloaders) is None and not validation_source_defined(trainer):
+        raise MisconfigurationException(NO_VALIDATION_DATA)
+
+
+class LightningBatchSize:
+    """``batch -> number of samples`` by Lightning's own rule (``extract_batch_size``, as ``self.log``).
+
+    HessianCallback's default ``batch_size_fn``. The size weights each batch in the mean loss. When a
+    batch's tensors disagree on their first dimension (a time-major tensor, or a per-batch tensor),
+    the first tensor's first dimension counts, as in Lightning, and one warning says how to choose.
+
+    Example:
+        >>> LightningBatchSize()((torch.zeros(8, 3), torch.zeros(8)))
+        8
+    """
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def __call__(self, batch: Any) -> int:
+        """The number of samples in ``batch``.
+
+        Raises:
+            ValueError: If Lightning's rule finds no tensor in the batch, naming ``batch_size_fn``.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lightning's ambiguity warning advises `self.log`; see below
+            try:
+                size = int(extract_batch_size(batch))
+            except (MisconfigurationException, RecursionError) as error:
+                raise ValueError(
+                    f"HessianCallback cannot tell the number of samples in a batch of type "
+                    f"{type(batch).__name__}: Lightning's batch-size rule finds no tensor in it. "
+                    f"{BATCH_SIZE_FIX}"
+                ) from error
+        firsts = sorted({int(t.shape[0]) for t in iter_tensors(batch) if t.ndim > 0})
+        if firsts and firsts != [size] and not self.warned:
+            self.warned = True
+            rank_zero_warn(
+                f"HessianCallback: the tensors of a batch disagree on their first dimension ({firsts}); "
+                f"it counts {size} samples per batch (the first tensor's first dimension, as Lightning "
+                "does), which weights the batches in the mean loss. If that is not the number of "
+                f"samples (a time-major tensor, say): {BATCH_SIZE_FIX}",
+                category=UserWarning,
+            )
+        return size
 
 
 class EvaluationBatches:

@@ -34,6 +34,15 @@ def validation_source_loader(trainer: pl.Trainer) -> Any:
     return source.dataloader() if source.is_defined() else None
 
 
+def validation_source_defined(trainer: pl.Trainer) -> bool:
+    """Whether the fit run defines a validation dataloader, without calling the hook that makes it.
+
+    Reason: as for :func:`validation_source_loader`; ``is_defined`` is how Lightning itself decides
+    whether a run validates, and it does not run the user's ``val_dataloader()``.
+    """
+    return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
+
+
 def before_batch_transfer(module: LightningModule, batch: Any, dataloader_idx: int) -> Any:
     """Run the module's ``on_before_batch_transfer`` hook as Lightning's loops do.
 

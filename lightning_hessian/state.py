@@ -2,20 +2,23 @@
 
 Each one saves one kind of state on entry and restores it on exit: random generators, training flags,
 buffers and ``.grad``, the module's own parameter objects, BatchNorm's running statistics in train
-mode, ``self.log`` of a LightningModule; and :func:`differentiable_context` sets up autograd so that
-every differentiation mode works whatever the caller holds (inference mode, autocast, fused attention).
+mode, ``self.log`` of a LightningModule, torchmetrics states and number attributes of submodules; and
+:func:`differentiable_context` sets up autograd so that every differentiation mode works whatever the
+caller holds (inference mode, autocast, fused attention).
 """
 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import random
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torchmetrics import Metric
 
 
 @contextlib.contextmanager
@@ -128,3 +131,79 @@ def differentiable_context(device: torch.device) -> Iterator[None]:
             stack.enter_context(torch.autocast("cuda", enabled=False))
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         yield
+
+
+@contextlib.contextmanager
+def preserved_python_state(module: nn.Module) -> Iterator[None]:
+    """Restore every torchmetrics ``Metric`` and the number attributes of every other submodule on exit.
+
+    Running a LightningModule's ``training_step`` outside training updates what it updates: its
+    metrics accumulate, its counters count. On exit every ``Metric`` among ``module.modules()`` holds
+    its states' values (in the same tensor and list objects) and all its other attributes
+    (update count, cached results) as on entry; every other submodule's attributes that held a Python
+    number (``int``, ``float``, ``bool``, any ``numbers.Number``) hold it again, and number attributes
+    added meanwhile are removed. Nothing else is restored: containers mutated in place (a list that
+    ``training_step`` appends to), tensors that are neither parameters, buffers nor metric states, and
+    effects outside the module.
+
+    Args:
+        module: The module whose submodules to restore.
+
+    Example:
+        >>> counter = nn.Linear(1, 1)
+        >>> counter.calls = 0
+        >>> with preserved_python_state(counter):
+        ...     counter.calls += 1
+        >>> counter.calls
+        0
+    """
+    metrics = [_MetricSnapshot(m) for m in module.modules() if isinstance(m, Metric)]
+    others = [m for m in module.modules() if not isinstance(m, Metric)]
+    numbers_before = [(m, _number_attributes(m)) for m in others]
+    try:
+        yield
+    finally:
+        for m, saved in numbers_before:
+            attributes = vars(m)
+            for name in set(_number_attributes(m)) - set(saved):
+                del attributes[name]
+            for name, value in saved.items():
+                if attributes.get(name, _MISSING) is not value:
+                    attributes[name] = value
+        for snapshot in metrics:
+            snapshot.restore()
+
+
+_MISSING = object()
+
+
+def _number_attributes(module: nn.Module) -> dict[str, Any]:
+    return {name: value for name, value in vars(module).items() if isinstance(value, numbers.Number)}
+
+
+class _MetricSnapshot:
+    """A metric's attribute bindings and copies of its state values (tensor and list states)."""
+
+    def __init__(self, metric: Metric) -> None:
+        self.metric = metric
+        self.attributes = dict(vars(metric))
+        self.values: dict[str, Tensor | list[Any]] = {}
+        for name, value in metric.metric_state.items():
+            self.values[name] = value.detach().clone() if isinstance(value, Tensor) else list(value)
+
+    def restore(self) -> None:
+        attributes = vars(self.metric)
+        for name in set(attributes) - set(self.attributes):
+            del attributes[name]
+        attributes.update(self.attributes)
+        for name, saved in self.values.items():
+            state = attributes[name]
+            if isinstance(state, list):
+                state[:] = saved
+            elif state.shape == saved.shape and state.dtype == saved.dtype:
+                # A state created under inference mode (e.g. reset during validation) can only be
+                # written in inference mode.
+                with torch.no_grad(), torch.inference_mode(state.is_inference()):
+                    state.copy_(saved)
+            else:
+                attributes[name] = saved

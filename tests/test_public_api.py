@@ -190,6 +190,7 @@ SIGNATURES = {
         ("histogram_bins", POS, "64"),
         ("save_reports", POS, "False"),
         ("progress_bar", POS, "True"),
+        ("batch_size_fn", POS, "None"),
     ],
     "MatrixOperator.__init__": [
         ("matrix", POS, REQUIRED),
@@ -332,7 +333,7 @@ def test_other_class_members_are_pinned():
     own = sorted(
         name
         for name in vars(lh.HessianCallback)
-        if not name.startswith("_") and not name.startswith("on_") and name != "setup"
+        if not name.startswith("_") and not name.startswith("on_") and name not in ("setup", "teardown")
     )
     # The analysis settings were instance attributes and are now read-only views of `settings`.
     settings = ["blocks", "dense_limit", "density", "dtype", "method", "min_eigenvalue", "mode", "params"]

@@ -1,0 +1,159 @@
+"""The checks :class:`~lightning_hessian.HessianCallback` runs before training, so that a setup mistake
+stops ``fit`` with its fix instead of becoming one warning per epoch and nothing logged.
+
+Each function checks one thing: at construction (the loss function's signature), at ``on_fit_start``
+once the module's parameters exist (the ``params=``/``blocks=`` patterns, the schedule against the
+trainer's limits, the compute dtype), or at the first captured batch (its size).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from .parameters import resolve_blocks, select_parameters
+from .schedule import Schedule
+from .settings import AnalysisSettings
+
+#: Parameter dtypes whose Hessian the callback computes in float32 unless a ``dtype`` is given.
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_loss_fn(loss_fn: Callable[..., Any]) -> None:
+    """Check that ``loss_fn`` can be called as ``loss_fn(module, batch)``.
+
+    Callables without an inspectable signature (some builtins) pass.
+
+    Args:
+        loss_fn: The callable given as ``loss_fn=``.
+
+    Raises:
+        TypeError: If its signature cannot bind two positional arguments.
+
+    Example:
+        >>> check_loss_fn(lambda module, batch: module(batch).sum())
+    """
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as error:
+        name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+        raise TypeError(
+            f"`loss_fn` is called as loss_fn(module, batch), but {name}{signature} cannot be ({error}). "
+            "Pass e.g. loss_fn=lambda module, batch: F.cross_entropy(module(batch[0]), batch[1])."
+        ) from None
+
+
+def check_parameter_selection(module: nn.Module, settings: AnalysisSettings) -> None:
+    """Check that ``params=`` selects parameters of ``module`` and every ``blocks=`` group matches one.
+
+    Args:
+        module: The LightningModule, with its parameters created (``on_fit_start``).
+        settings: The callback's analysis settings.
+
+    Raises:
+        MisconfigurationException: Naming the pattern, the module's parameters and the fix.
+    """
+    try:
+        selected = select_parameters(module, settings.params)
+        resolve_blocks(list(selected), settings.blocks)
+    except ValueError as error:
+        raise MisconfigurationException(f"HessianCallback: {error}") from error
+
+
+def warn_unreachable_schedule(schedule: Schedule, max_epochs: int | None, max_steps: int) -> None:
+    """Warn when listed epochs lie beyond the trainer's limits, or when nothing can ever be evaluated.
+
+    Args:
+        schedule: The callback's schedule.
+        max_epochs: ``trainer.max_epochs`` (``None`` or ``-1``: unlimited).
+        max_steps: ``trainer.max_steps`` (``-1``: unlimited).
+    """
+    epoch_limit = None if max_epochs is None or max_epochs < 0 else max_epochs
+    step_limit = None if max_steps < 0 else max_steps
+    limits = f"max_epochs={max_epochs}, max_steps={max_steps}"
+    if epoch_limit is not None:
+        beyond = sorted(e for e in schedule.epochs if e >= epoch_limit)
+        if beyond:
+            rank_zero_warn(
+                f"HessianCallback: epochs={beyond} are never reached: training stops after at most "
+                f"{epoch_limit} epoch(s) (0-based indices 0 to {epoch_limit - 1}; {limits}). Epochs "
+                "are 0-based; lower them or raise max_epochs.",
+                category=UserWarning,
+            )
+    if schedule.at_end:
+        return
+    fires = (
+        any(_within(e + 1, epoch_limit) for e in schedule.epochs)
+        or _within(schedule.every_n_epochs, epoch_limit)
+        or _within(schedule.every_n_steps, step_limit)
+    )
+    if not fires:
+        rank_zero_warn(
+            f"HessianCallback will evaluate nothing: its schedule ({schedule.describe()}) never fires "
+            f"within {limits}, and evaluate_at_end=False. Shorten the period, or pass evaluate_at_end=True.",
+            category=UserWarning,
+        )
+
+
+def _within(count: int | None, limit: int | None) -> bool:
+    """Whether ``count`` epochs (or steps) are reached under ``limit`` (``None``: no limit)."""
+    return count is not None and (limit is None or count <= limit)
+
+
+def compute_dtype(module: nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype to compute the Hessian in: ``dtype``, else float32 for half-precision parameters.
+
+    Half-precision products lose most digits, and the eigenvalue solvers' factorizations have no
+    bfloat16/float16 kernels on every device.
+
+    Args:
+        module: The module.
+        dtype: The ``dtype=`` the user chose, or ``None`` for the parameters' own.
+
+    Returns:
+        ``dtype`` when given; ``torch.float32`` when a trainable parameter is float16 or bfloat16;
+        else ``None`` (the parameters' dtype).
+
+    Example:
+        >>> compute_dtype(nn.Linear(2, 2).bfloat16(), None)
+        torch.float32
+    """
+    if dtype is not None:
+        return dtype
+    if any(p.dtype in HALF_PRECISION for p in module.parameters() if p.requires_grad):
+        return torch.float32
+    return None
+
+
+def check_batch_size(batch: Any, batch_size_fn: Callable[[Any], int]) -> None:
+    """Check that the number of samples of a batch the callback will evaluate on can be told.
+
+    Args:
+        batch: A batch as the evaluations will see it (on the module's device).
+        batch_size_fn: The callback's ``batch -> number of samples``.
+
+    Raises:
+        MisconfigurationException: If ``batch_size_fn`` fails or returns no positive integer.
+    """
+    try:
+        size = int(batch_size_fn(batch))
+    except Exception as error:  # noqa: BLE001 - any failure is the same mistake: say how to fix it
+        raise MisconfigurationException(
+            f"HessianCallback cannot tell the number of samples in a training batch ({error}). Pass "
+            "HessianCallback(batch_size_fn=lambda batch: <number of samples in batch>)."
+        ) from error
+    if size <= 0:
+        raise MisconfigurationException(
+            f"HessianCallback's batch_size_fn returned {size} for a training batch; it must return the "
+            "number of samples, a positive integer."
+        )

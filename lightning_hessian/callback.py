@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from .analysis import analyze_with
+from .budget import OverheadBudget
 from .callback_checks import (
     check_batch_size,
     check_loss_fn,
@@ -42,11 +42,14 @@ from .schedule import Schedule
 from .settings import AnalysisSettings
 from .state import preserved_python_state
 from .validation import check_bool, check_callable, check_choice, check_int
+from .warm_start import RitzVectorStore
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 ON_ERROR = ("warn", "raise")
+#: The analysis settings a monitor can afford (see the class docstring); ``analyze_kwargs`` overrides them.
+MONITORING_DEFAULTS = {"krylov": "shared", "tol": 1e-3, "trace_matvecs": 16}
 # Strategies that shard parameters across ranks: each rank holds a slice, so the operator's
 # "same parameters on every rank, products summed over ranks" model does not apply. By class name,
 # so that no optional dependency (deepspeed) is imported.
@@ -220,6 +223,8 @@ class HessianCallback(Callback):
         save_reports: bool = False,
         progress_bar: bool = True,
         batch_size_fn: Callable[[Any], int] | None = None,
+        max_overhead: float | None = None,
+        warm_start: bool = True,
     ) -> None:
         super().__init__()
         self.schedule = Schedule.create(every_n_epochs, epochs, every_n_steps, evaluate_at_end)
@@ -233,7 +238,9 @@ class HessianCallback(Callback):
             None if num_batches is None else check_int("num_batches", num_batches, 1, "Pass e.g. 4.")
         )
         self.analyze_kwargs = _check_analyze_kwargs(analyze_kwargs)
-        more = dict(self.analyze_kwargs)
+        self.warm_start = check_bool("warm_start", warm_start)
+        keep = top_k if warm_start and isinstance(top_k, int) and not isinstance(top_k, bool) else 0
+        more = {**MONITORING_DEFAULTS, "keep_vectors": max(0, keep), **self.analyze_kwargs}
         if batch_size_fn is not None:
             if "batch_size_fn" in more:
                 raise ValueError(
@@ -283,6 +290,8 @@ class HessianCallback(Callback):
         self._warned: set[str] = set()
         self._lightning_batch_size = LightningBatchSize()
         self._resuming = False  # load_state_dict ran since the last fit started: continue its run
+        self.budget = OverheadBudget(max_overhead)
+        self._ritz = RitzVectorStore(rank_zero_info)
 
     params = _setting("params")
     blocks = _setting("blocks")
@@ -396,6 +405,8 @@ class HessianCallback(Callback):
             self._batches = EvaluationBatches(self.data, self.num_batches)
             self._warned.clear()
         self._resuming = False
+        self.budget.start()
+        self._ritz.clear()  # a new or resumed run starts cold
         dtype = compute_dtype(module, self.settings.dtype)
         if dtype != self.settings.dtype and "dtype" not in self._warned:
             self._warned.add("dtype")
@@ -481,20 +492,50 @@ class HessianCallback(Callback):
         step = trainer.global_step
         epoch = trainer.current_epoch if self._epoch is None else self._epoch
         module = trainer.lightning_module or pl_module  # never the DDP wrapper
+        if not self._budget_allows(trainer, epoch, step):
+            return
         self._last_step = step
         entry: dict[str, Any] = {"epoch": epoch, "step": step, "reason": reason}
-        start = time.perf_counter()
+        start, recorded = self.budget.clock(), False
         try:
             batches = self._agreed(trainer, lambda: self._evaluation_batches(trainer, module))
             entry["num_batches"] = len(batches)
             report = self._agreed(trainer, lambda: self._analyze(trainer, module, batches, epoch))
+            self.budget.record(self.budget.clock() - start)
+            recorded = True
+            report.extra_scalars["overhead"] = self.budget.overhead
             metrics = self._agreed(trainer, lambda: self._log(trainer, report, epoch, step))
         except _AgreedFailure as failure:
+            if not recorded:
+                self.budget.record(self.budget.clock() - start)
             self._skip(entry, failure.error, failure.message)
             return
-        entry.update(ok=True, wall_seconds=time.perf_counter() - start, **metrics)
+        entry.update(ok=True, wall_seconds=self.budget.clock() - start, **metrics)
         self.history.append(entry)
         self.last_report = report
+        if self.warm_start:
+            self._ritz.keep({name: block.ritz_vectors for name, block in report.blocks.items()})
+        for block in report.blocks.values():
+            block.ritz_vectors = None  # kept above for the next evaluation, not in logs or saved reports
+
+    def _budget_allows(self, trainer: pl.Trainer, epoch: int, step: int) -> bool:
+        """Whether the overhead budget lets this evaluation run (agreed by every rank)."""
+        postpone = agree_on_failure(
+            None,
+            trainer_process_group(trainer),
+            device=trainer.strategy.root_device,
+            values=[float(not self.budget.allows())],
+            op="max",
+        ).values[0]
+        if postpone:
+            self._inform_once(
+                "budget",
+                f"HessianCallback: the evaluation at epoch {epoch}, step {step} is postponed to the next "
+                f"scheduled point to keep curvature within max_overhead={self.budget.max_share:g} of the "
+                "wall time (it would have taken about as long as the last one). Later postponements are "
+                "not reported.",
+            )
+        return not postpone
 
     def _agreed(self, trainer: pl.Trainer, phase: Callable[[], Any]) -> Any:
         """Run one phase on every rank and agree on its outcome (one small all-reduce).
@@ -543,6 +584,7 @@ class HessianCallback(Callback):
                 self._analysis_settings(module),
                 process_group=trainer_process_group(trainer),
                 progress=bar,
+                start_vectors=self._ritz.vectors if self.warm_start else None,
             )
         bad = report.non_finite()
         if bad:
@@ -572,6 +614,11 @@ class HessianCallback(Callback):
             "to stop training on such errors.",
             category=UserWarning,
         )
+
+    def _inform_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_info(message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

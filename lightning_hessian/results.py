@@ -468,4 +468,7 @@ def _value(hint: Any, value: Any, where: str) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
-    raise ValueError(f"Saved HessianReport: {where} must be {hint}, got {type(value).__name__} {value!r}.")
+    expected = " or ".join("None" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(
+        f"Saved HessianReport: {where} must be {expected}, got {type(value).__name__} {value!r}."
+    )

@@ -36,7 +36,7 @@ from .callback_checks import (
 from .distributed import agree_on_failure, trainer_process_group
 from .evaluation_data import EvaluationBatches, LightningBatchSize, check_data_source, check_validation_data
 from .lightning_internals import check_private_apis, state_key
-from .reporting import DEFAULT_PREFIX, ProgressBar, ReportLogger, save_report
+from .reporting import DEFAULT_PREFIX, ProgressBar, ReportLogger, logging_step, save_report
 from .results import HessianReport
 from .schedule import Schedule
 from .settings import AnalysisSettings
@@ -105,11 +105,12 @@ class HessianCallback(Callback):
     """Log the curvature of the training loss (Hessian eigenvalues, trace, spectral density) while training.
 
     At scheduled points the callback runs :func:`lightning_hessian.analyze` on the LightningModule
-    and a fixed set of batches, then logs, at ``trainer.global_step``, for every block ``B``:
-    ``hessian/B/trace``, ``hessian/B/eigenvalue_1`` ... ``hessian/B/eigenvalue_k``,
-    ``hessian/B/eigenvalue_min``, ``hessian/loss``, ``hessian/num_matvecs`` and ``hessian/seconds`` to
-    every logger and to ``trainer.callback_metrics``; on TensorBoard also the histogram
-    ``hessian/B/spectrum`` and the figure ``hessian/B/density``.
+    and a fixed set of batches, then logs, at the step of Lightning's own metrics of that batch or
+    epoch, for every block ``B``: ``hessian/B/trace``, ``trace_stderr``, ``hessian/B/eigenvalue_1``
+    ... ``eigenvalue_k``, ``eigenvalue_min``, ``eigenvalues_converged``, ``hessian/loss``,
+    ``hessian/num_matvecs`` and ``hessian/seconds`` to every logger and ``trainer.callback_metrics``;
+    to TensorBoard, W&B, MLflow and CSV loggers also the histogram ``hessian/B/spectrum`` and the
+    figure ``hessian/B/density``.
 
     Evaluations happen in ``on_train_epoch_end`` (after that epoch's validation), so a
     ``ModelCheckpoint``/``EarlyStopping`` that monitors a ``hessian/...`` value needs
@@ -171,7 +172,7 @@ class HessianCallback(Callback):
         figures: Log ``hessian/B/density`` figures to loggers that take them.
         histogram_bins: Bins of a spectral density's histogram.
         save_reports: Save each evaluation's :class:`~lightning_hessian.HessianReport` to
-            ``<log_dir>/hessian_reports/epoch=E-step=S.pt`` (load with ``weights_only=False``).
+            ``<log_dir>/hessian_reports/epoch=E-step=S.pt`` (read with ``HessianReport.load(path)``).
         progress_bar: Show a progress bar of Hessian-vector products during long evaluations (only
             while the trainer's own progress bar is enabled).
         batch_size_fn: ``batch -> number of samples``, which weights each batch in the mean loss;
@@ -503,8 +504,7 @@ class HessianCallback(Callback):
             report = self._agreed(trainer, lambda: self._analyze(trainer, module, batches, epoch))
             self.budget.record(self.budget.clock() - start)
             recorded = True
-            report.extra_scalars["overhead"] = self.budget.overhead
-            metrics = self._agreed(trainer, lambda: self._log(trainer, report, epoch, step))
+            metrics = self._agreed(trainer, lambda: self._log(trainer, report, epoch, step, reason))
         except _AgreedFailure as failure:
             if not recorded:
                 self.budget.record(self.budget.clock() - start)
@@ -594,8 +594,11 @@ class HessianCallback(Callback):
             )
         return report
 
-    def _log(self, trainer: pl.Trainer, report: HessianReport, epoch: int, step: int) -> dict[str, float]:
-        metrics = self.reporter.log(trainer, report, step)
+    def _log(
+        self, trainer: pl.Trainer, report: HessianReport, epoch: int, step: int, reason: str
+    ) -> dict[str, float]:
+        extra = {"overhead": self.budget.overhead}
+        metrics = self.reporter.log(trainer, report, logging_step(trainer, reason), epoch, extra)
         if self._report_dir is not None:
             save_report(report, self._report_dir / f"epoch={epoch}-step={step}.pt")
         return metrics

@@ -62,6 +62,16 @@ def state_key(callback: Callback, **settings: Any) -> str:
     return callback._generate_state_key(**settings)
 
 
+def batches_that_stepped(trainer: pl.Trainer) -> int:
+    """The number of training batches that ran an optimizer step: the step Lightning logs metrics at.
+
+    Reason: Lightning's logger connector logs its metrics at ``fit_loop.epoch_loop._batches_that_stepped``
+    (one less for an epoch's metrics), not at ``global_step`` (which counts every optimizer's steps);
+    values logged at the same step land in the same row of ``metrics.csv`` and step of TensorBoard.
+    """
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
 def check_private_apis(trainer: pl.Trainer | None = None) -> None:
     """Check that every private API used above exists on the installed Lightning (and ``trainer``).
 
@@ -82,6 +92,7 @@ def check_private_apis(trainer: pl.Trainer | None = None) -> None:
                 hasattr(LightningModule, "_on_before_batch_transfer"),
             ),
             ("Callback._generate_state_key", hasattr(Callback, "_generate_state_key")),
+            ("loops._TrainingEpochLoop._batches_that_stepped", _sets_batches_that_stepped()),
             (
                 "trainer.fit_loop.epoch_loop.val_loop._data_source",
                 trainer is None or _has_validation_source(trainer),
@@ -101,3 +112,13 @@ def _has_validation_source(trainer: pl.Trainer) -> bool:
     loop = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
     source = getattr(loop, "_data_source", None)
     return all(callable(getattr(source, name, None)) for name in ("is_defined", "dataloader"))
+
+
+def _sets_batches_that_stepped() -> bool:
+    # An instance attribute: check that the loop's constructor assigns it (it is in the code's names).
+    try:
+        from lightning.pytorch.loops import _TrainingEpochLoop
+    except ImportError:
+        return False
+    code = getattr(_TrainingEpochLoop.__init__, "__code__", None)
+    return code is not None and "_batches_that_stepped" in code.co_names

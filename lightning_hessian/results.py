@@ -1,16 +1,32 @@
 """Plain-data results of the estimators and of :func:`lightning_hessian.analyze`.
 
-Every result holds tensors and numbers only, so it can be saved with ``torch.save``, compared in
-tests and logged without touching the model again.
+Every result holds tensors and numbers only, so it can be compared in tests and logged without
+touching the model again. A :class:`HessianReport` is saved as plain data (:meth:`HessianReport.save`:
+nested dicts of tensors, numbers and strings) that ``torch.load(path, weights_only=True)`` reads
+without unpickling any class, and :meth:`HessianReport.load` rebuilds the dataclasses from it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import numbers
+import pickle
+import re
+import types
+import typing
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
+
+#: The ``"format"`` entry of a saved report, and the version of its layout.
+REPORT_FORMAT = "lightning_hessian.HessianReport"
+REPORT_VERSION = 1
 
 
 @dataclass
@@ -201,9 +217,17 @@ class HessianReport:
     seconds: float = 0.0
 
     def non_finite(self) -> list[str]:
-        """Sorted names of the loss and logged scalars that are NaN or infinite (empty: all finite)."""
+        """Sorted names of the loss and logged scalars that are NaN or infinite (empty: all finite).
+
+        A ``trace_stderr`` is not checked: it is NaN when the estimator had a single sample, which
+        leaves the uncertainty unknown but the curvature itself valid.
+        """
         values = {"loss": self.loss, **self.scalars()}
-        return sorted(name for name, value in values.items() if not math.isfinite(value))
+        return sorted(
+            name
+            for name, value in values.items()
+            if not math.isfinite(value) and not name.endswith("/trace_stderr")
+        )
 
     def scalars(self, prefix: str = "hessian") -> dict[str, float]:
         """Flatten the report into the logged scalar names of the design contract.
@@ -212,16 +236,243 @@ class HessianReport:
             prefix: Leading name component.
 
         Returns:
-            ``{"hessian/B/trace": ..., "hessian/B/eigenvalue_1": ..., "hessian/B/eigenvalue_min": ...}``
-            for every block ``B`` and every metric it has.
+            For every block ``B``, in this order and only for the metrics it has:
+            ``{prefix}/B/trace`` and ``{prefix}/B/trace_stderr`` (its standard error, ``0.0`` when
+            exact), ``{prefix}/B/eigenvalue_1`` ... ``eigenvalue_k``, ``{prefix}/B/eigenvalue_min``,
+            and ``{prefix}/B/eigenvalues_converged``: the fraction of those eigenvalues (top-k and the
+            smallest) whose residual met the tolerance, ``1.0`` for a dense (exact) block.
+
+        Example:
+            >>> import torch
+            >>> flags = torch.tensor([True, False])
+            >>> top = EigenResult(torch.tensor([3.0, 2.0]), None, flags, torch.zeros(2), 9)
+            >>> block = BlockReport("fc", 10, "iterative", eigenvalues=top)
+            >>> scalars = HessianReport(blocks={"fc": block}).scalars()
+            >>> list(scalars), scalars["hessian/fc/eigenvalues_converged"]
+            (['hessian/fc/eigenvalue_1', 'hessian/fc/eigenvalue_2', 'hessian/fc/eigenvalues_converged'], 0.5)
         """
         out: dict[str, float] = {}
         for name, block in self.blocks.items():
             if block.trace is not None:
                 out[f"{prefix}/{name}/trace"] = float(block.trace.value)
+                out[f"{prefix}/{name}/trace_stderr"] = float(block.trace.stderr)
+            flags: list[bool] = []
             if block.eigenvalues is not None:
                 for i, value in enumerate(block.eigenvalues.values.tolist(), start=1):
                     out[f"{prefix}/{name}/eigenvalue_{i}"] = float(value)
+                flags += [bool(f) for f in block.eigenvalues.converged.reshape(-1).tolist()]
             if block.min_eigenvalue is not None:
                 out[f"{prefix}/{name}/eigenvalue_min"] = float(block.min_eigenvalue.values[0])
+                flags += [bool(f) for f in block.min_eigenvalue.converged.reshape(-1)[:1].tolist()]
+            if flags:
+                converged = 1.0 if block.method == "dense" else sum(flags) / len(flags)
+                out[f"{prefix}/{name}/eigenvalues_converged"] = float(converged)
         return out
+
+    # ------------------------------------------------------------------------------ saved form
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain data: nested dicts of CPU tensors, numbers, strings and ``None``.
+
+        ``torch.save`` writes it in a form that ``torch.load(path, weights_only=True)`` reads back
+        without unpickling any class; :meth:`from_dict` rebuilds the report.
+
+        Returns:
+            ``{"format": "lightning_hessian.HessianReport", "version": 1, "blocks": {name: {...}},
+            "loss": ..., ...}``: every dataclass as a dict of its fields.
+
+        Example:
+            >>> report = HessianReport(loss=0.5)
+            >>> data = report.to_dict()
+            >>> data["format"], data["loss"], HessianReport.from_dict(data) == report
+            ('lightning_hessian.HessianReport', 0.5, True)
+        """
+        return {"format": REPORT_FORMAT, "version": REPORT_VERSION, **_plain(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HessianReport:
+        """Rebuild a report from :meth:`to_dict`'s plain data, checking every field's type.
+
+        Args:
+            data: The output of :meth:`to_dict` (for example as loaded from a saved report).
+
+        Returns:
+            The report, with its :class:`BlockReport`, :class:`EigenResult`, :class:`TraceResult`
+            and :class:`SpectralDensity` parts.
+
+        Raises:
+            ValueError: If ``data`` is not a saved report of a layout this version reads, or a field
+                is missing, unknown or of the wrong type (named with its path).
+
+        Example:
+            >>> HessianReport.from_dict(HessianReport(loss=0.5).to_dict()).loss
+            0.5
+        """
+        if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+            found = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"Not a saved HessianReport: expected a dict with format={REPORT_FORMAT!r}, got {found}. "
+                "Save reports with HessianReport.save or HessianReport.to_dict."
+            )
+        version = data.get("version")
+        if not isinstance(version, int) or not 1 <= version <= REPORT_VERSION:
+            raise ValueError(
+                f"Saved HessianReport layout version {version!r} is not one this lightning_hessian reads "
+                f"(1 to {REPORT_VERSION}); read it with the release that wrote it."
+            )
+        fields = {k: v for k, v in data.items() if k not in ("format", "version")}
+        return _build(cls, fields, "report")
+
+    def save(self, path: str | Path) -> Path:
+        """Save the report as plain data (:meth:`to_dict`) with ``torch.save``, creating parent folders.
+
+        Args:
+            path: Target file.
+
+        Returns:
+            The path written.
+
+        Example:
+            >>> report.save("report.pt")  # doctest: +SKIP
+            >>> HessianReport.load("report.pt").scalars() == report.scalars()  # doctest: +SKIP
+            True
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.to_dict(), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, trusted: bool = False, map_location: Any = "cpu") -> HessianReport:
+        """Read a saved report without running code from the file.
+
+        The file is read with ``torch.load(..., weights_only=True)``, PyTorch's restricted unpickler,
+        which builds tensors and plain data only. Reports saved before the plain-data format are
+        pickled report dataclasses: the restricted unpickler also builds those five classes (from their
+        fields alone, running none of their code), so they load too. A file that needs any other class
+        is refused unless ``trusted=True``: then it is fully unpickled, with a warning, because
+        unpickling can run arbitrary code from the file. That choice has to be made before loading (a
+        warning afterwards would come after the code ran), hence the argument.
+
+        Args:
+            path: A file written by :meth:`save` (or by ``save_reports=True`` of the callback).
+            trusted: Fully unpickle a file the restricted loader refuses. Only for files from a
+                source you trust as you would trust running its code.
+            map_location: Where tensors are loaded (``torch.load``'s argument).
+
+        Returns:
+            The report.
+
+        Raises:
+            pickle.UnpicklingError: If the file holds classes other than the report's and ``trusted``
+                is false; the message names the class and the risk.
+            ValueError: If the file holds something other than a saved report.
+
+        Example:
+            >>> path = "lightning_logs/version_0/hessian_reports/epoch=0-step=4.pt"
+            >>> report = HessianReport.load(path)  # doctest: +SKIP
+        """
+        try:
+            with _report_classes_allowed():
+                data = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "weights only load failed" not in str(error).lower():
+                raise  # a damaged file, not one that needs classes
+            needed = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            detail = f"it needs {needed.group(1)}" if needed else "it holds classes"
+            if not trusted:
+                raise pickle.UnpicklingError(
+                    f"{path} is not a plain-data HessianReport: loading it needs classes that "
+                    f"PyTorch's restricted loader refuses ({detail}). Fully "
+                    "unpickling it can run arbitrary code from the file. If you trust its source as you "
+                    "would trust running its code, pass HessianReport.load(path, trusted=True), then "
+                    "re-save it with report.save(path)."
+                ) from error
+            warnings.warn(
+                f"HessianReport.load({str(path)!r}, trusted=True): fully unpickling a file that the "
+                f"restricted loader refused ({detail}); this runs any code the file "
+                "contains. Re-save it with report.save(path) to get a plain-data file.",
+                UserWarning,
+                stacklevel=2,
+            )
+            data = torch.load(path, map_location=map_location, weights_only=False)
+        if isinstance(data, HessianReport):  # an old file: the pickled dataclasses
+            data = {"format": REPORT_FORMAT, "version": REPORT_VERSION, **_plain(data)}
+        return cls.from_dict(data)
+
+
+RESULT_CLASSES = (EigenResult, TraceResult, SpectralDensity, BlockReport, HessianReport)
+
+
+def _report_classes_allowed() -> contextlib.AbstractContextManager[Any]:
+    """Let ``weights_only=True`` build the report dataclasses of an old (pickled) report file.
+
+    The restricted unpickler makes an allowed class with ``cls.__new__`` and sets its ``__dict__``
+    from the file: none of the class's code runs. ``torch.serialization.safe_globals`` is new in
+    torch 2.5; before it, old files need ``trusted=True``.
+    """
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return contextlib.nullcontext() if allow is None else allow(list(RESULT_CLASSES))
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses as dicts of their fields, tensors detached on the CPU, containers walked."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name, None)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Construct dataclass ``cls`` from its fields' plain data, checking names and types."""
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"Saved HessianReport: {where} must be a dict of {cls.__name__} fields, got {data!r}."
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    missing = sorted(
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    if unknown or missing:
+        raise ValueError(
+            f"Saved HessianReport: {where} ({cls.__name__}) has unknown fields {unknown} and lacks {missing}."
+        )
+    hints = typing.get_type_hints(cls)
+    values = {name: _value(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    return cls(**values)
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    """One field's value, checked against (and converted to) its annotation."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        origin = typing.get_origin(option)
+        if option in RESULT_CLASSES and isinstance(value, dict):
+            return _build(option, value, where)
+        if origin is dict and isinstance(value, dict):
+            item = typing.get_args(option)[1]
+            return {str(k): _value(item, v, f"{where}[{k!r}]") for k, v in value.items()}
+        if option is Tensor and isinstance(value, Tensor):
+            return value
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if option is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    expected = " or ".join("None" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(
+        f"Saved HessianReport: {where} must be {expected}, got {type(value).__name__} {value!r}."
+    )

@@ -188,7 +188,7 @@ def test_module_blocks_follow_the_modules_in_order():
     assert list(report.scalars()) == [
         f"hessian/{name}/{metric}"
         for name in ("embed", "norm", "head")
-        for metric in ("trace", "eigenvalue_1", "eigenvalue_min")
+        for metric in ("trace", "trace_stderr", "eigenvalue_1", "eigenvalue_min", "eigenvalues_converged")
     ]
 
 

@@ -248,6 +248,19 @@ SIGNATURES = {
     "HessianReport.scalars": [
         ("prefix", POS, "'hessian'"),
     ],
+    # Added with the plain-data report files (nothing unpickled on load): to_dict/from_dict, save/load.
+    "HessianReport.to_dict": [],
+    "HessianReport.from_dict": [
+        ("data", POS, REQUIRED),
+    ],
+    "HessianReport.save": [
+        ("path", POS, REQUIRED),
+    ],
+    "HessianReport.load": [
+        ("path", POS, REQUIRED),
+        ("trusted", KW, "False"),
+        ("map_location", KW, "'cpu'"),
+    ],
     "SpectralDensity.pdf": [
         ("grid", POS, REQUIRED),
         ("sigma", POS, "None"),
@@ -426,8 +439,10 @@ RESULT_METHODS = {
     "TraceResult": [],
     "SpectralDensity": ["histogram", "mean", "pdf"],
     "BlockReport": [],
-    "HessianReport": ["non_finite", "scalars"],
+    # from_dict, load, save and to_dict: added with the plain-data report files.
+    "HessianReport": ["from_dict", "load", "non_finite", "save", "scalars", "to_dict"],
 }
+CLASSMETHODS = ("from_dict", "load")
 
 
 @pytest.mark.parametrize("name", list(RESULT_METHODS))
@@ -437,6 +452,7 @@ def test_result_members_besides_the_fields_are_pinned(name):
     assert [n for n in _public(cls) if n not in fields] == RESULT_METHODS[name]
     for member in RESULT_METHODS[name]:
         kind = property if member in ("all_converged", "mean") else type(lambda: None)
+        kind = classmethod if member in CLASSMETHODS else kind
         assert isinstance(inspect.getattr_static(cls, member), kind), member
 
 
@@ -444,15 +460,20 @@ def test_result_members_besides_the_fields_are_pinned(name):
 
 
 def test_scalars_follow_the_logged_name_contract():
-    """``hessian/<block>/trace``, ``eigenvalue_1`` ... ``eigenvalue_k``, ``eigenvalue_min``, per block in
-    order, only for the metrics a block has; values as plain floats."""
+    """``hessian/<block>/trace``, ``trace_stderr``, ``eigenvalue_1`` ... ``eigenvalue_k``,
+    ``eigenvalue_min``, ``eigenvalues_converged``, per block in order, only for the metrics a block has;
+    values as plain floats. (``trace_stderr`` and ``eigenvalues_converged`` were added: the uncertainty
+    of each value, logged next to it.)"""
     scalars = sample_report().scalars()
     assert list(scalars.items()) == [
         ("hessian/a/trace", 1.75),
+        ("hessian/a/trace_stderr", 0.0),
         ("hessian/a/eigenvalue_1", 2.0),
         ("hessian/a/eigenvalue_2", 0.25),
         ("hessian/a/eigenvalue_min", -0.5),
+        ("hessian/a/eigenvalues_converged", 1.0),
         ("hessian/b/eigenvalue_1", 3.0),
+        ("hessian/b/eigenvalues_converged", 1.0),
     ]
     assert all(type(value) is float for value in scalars.values())
 
@@ -475,15 +496,21 @@ def test_scalars_of_a_small_hand_built_report():
     )
     assert report.scalars() == {
         "hessian/conv1/trace": 8.0,
+        "hessian/conv1/trace_stderr": 0.5,
         "hessian/conv1/eigenvalue_1": 5.0,
         "hessian/conv1/eigenvalue_2": 4.0,
         "hessian/conv1/eigenvalue_3": 1.0,
+        "hessian/conv1/eigenvalues_converged": 1.0,
         "hessian/fc/eigenvalue_min": -2.0,
+        "hessian/fc/eigenvalues_converged": 1.0,
     }
     assert list(report.scalars("h")) == [
         "h/conv1/trace",
+        "h/conv1/trace_stderr",
         "h/conv1/eigenvalue_1",
         "h/conv1/eigenvalue_2",
         "h/conv1/eigenvalue_3",
+        "h/conv1/eigenvalues_converged",
         "h/fc/eigenvalue_min",
+        "h/fc/eigenvalues_converged",
     ]

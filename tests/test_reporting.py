@@ -30,10 +30,13 @@ def test_scalar_metrics_follow_the_contract():
     metrics = scalar_metrics(sample_report())
     assert metrics == {
         "hessian/a/trace": 1.75,
+        "hessian/a/trace_stderr": 0.0,
         "hessian/a/eigenvalue_1": 2.0,
         "hessian/a/eigenvalue_2": 0.25,
         "hessian/a/eigenvalue_min": -0.5,
+        "hessian/a/eigenvalues_converged": 1.0,
         "hessian/b/eigenvalue_1": 3.0,
+        "hessian/b/eigenvalues_converged": 1.0,
         "hessian/loss": 0.7,
         "hessian/num_matvecs": 13.0,
         "hessian/seconds": 0.5,
@@ -73,10 +76,11 @@ def test_supports_media_tells_tensorboard_from_csv(tmp_path):
 
 def test_report_round_trips_through_torch_save(tmp_path):
     path = save_report(sample_report(), tmp_path / "sub" / "r.pt")
-    loaded = torch.load(path, weights_only=False)
+    loaded = lh.HessianReport.load(path)
     assert loaded.scalars() == sample_report().scalars()
+    assert torch.load(path, weights_only=True)["format"] == "lightning_hessian.HessianReport"  # plain data
     buffer = io.BytesIO()
-    torch.save(loaded, buffer)
+    torch.save(loaded.to_dict(), buffer)
 
 
 def test_only_rank_zero_writes(tmp_path, monkeypatch):

@@ -75,8 +75,11 @@ def test_an_empty_report_has_no_scalars_and_a_nan_loss():
 def test_scalars_take_a_prefix():
     assert list(sample_report().scalars(prefix="curvature")) == [
         "curvature/a/trace",
+        "curvature/a/trace_stderr",
         "curvature/a/eigenvalue_1",
         "curvature/a/eigenvalue_2",
         "curvature/a/eigenvalue_min",
+        "curvature/a/eigenvalues_converged",
         "curvature/b/eigenvalue_1",
+        "curvature/b/eigenvalues_converged",
     ]

@@ -504,7 +504,18 @@ class HessianCallback(Callback):
             report = self._agreed(trainer, lambda: self._analyze(trainer, module, batches, epoch))
             self.budget.record(self.budget.clock() - start)
             recorded = True
-            metrics = self._agreed(trainer, lambda: self._log(trainer, report, epoch, step, reason))
+            # Each rank measures its own clock; the mean over ranks is logged, identical everywhere.
+            overhead = (
+                agree_on_failure(
+                    None,
+                    trainer_process_group(trainer),
+                    device=trainer.strategy.root_device,
+                    values=[self.budget.overhead],
+                ).values[0]
+                / trainer.world_size
+            )
+            extra = {"overhead": overhead}
+            metrics = self._agreed(trainer, lambda: self._log(trainer, report, epoch, step, reason, extra))
         except _AgreedFailure as failure:
             if not recorded:
                 self.budget.record(self.budget.clock() - start)
@@ -595,9 +606,14 @@ class HessianCallback(Callback):
         return report
 
     def _log(
-        self, trainer: pl.Trainer, report: HessianReport, epoch: int, step: int, reason: str
+        self,
+        trainer: pl.Trainer,
+        report: HessianReport,
+        epoch: int,
+        step: int,
+        reason: str,
+        extra: dict[str, float],
     ) -> dict[str, float]:
-        extra = {"overhead": self.budget.overhead}
         metrics = self.reporter.log(trainer, report, logging_step(trainer, reason), epoch, extra)
         if self._report_dir is not None:
             save_report(report, self._report_dir / f"epoch={epoch}-step={step}.pt")

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 import lightning_hessian as lh
+from lightning_hessian.analysis import analyze_with
 from tests.helpers import (
     FAST,
     Snapshot,
@@ -32,7 +33,14 @@ from tests.helpers import (
 )
 
 BLOCKS = ("net.0", "net.1", "net.4")  # 30 and 21 parameters: iterative (dense_limit=20); 12: dense
-SETTINGS = {"blocks": "module", "dense_limit": 20, "num_batches": 2, "analyze_kwargs": FAST}
+# No warm start: each logged evaluation must equal a fresh analysis of the same state and batches.
+SETTINGS = {
+    "blocks": "module",
+    "dense_limit": 20,
+    "num_batches": 2,
+    "analyze_kwargs": FAST,
+    "warm_start": False,
+}
 EXPECTED_STEPS = [5, 8, 10, 12]  # every_n_steps=5: 5, 10; every_n_epochs=2: epoch 1 = step 8; end: 12
 # Logged where Lightning logs that batch's or epoch's own metrics: one optimizer, so global step - 1.
 LOGGED_STEPS = [step - 1 for step in EXPECTED_STEPS]
@@ -91,9 +99,7 @@ def test_logged_values_equal_analyze_on_the_same_model_state_and_batches(run):
     for step, state in run["snapshot"].states.items():
         model = TinyModule()
         model.load_state_dict(state)
-        report = lh.analyze(
-            model, None, hessian.batches, blocks="module", dense_limit=20, top_k=3, seed=0, **FAST
-        )
+        report = analyze_with(model, None, hessian.batches, hessian.settings)
         expected = report.scalars()
         expected["hessian/loss"] = report.loss
         for tag, value in expected.items():

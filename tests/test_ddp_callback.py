@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_hessian as lh
+from lightning_hessian.analysis import analyze_with
 from lightning_hessian.reporting import scalar_metrics
 from tests import ddp_scenarios
 
@@ -67,10 +68,8 @@ def test_ddp_logs_the_curvature_of_the_union_of_both_ranks_batches(tmp_path: Pat
     # Single-process reference: the trained model, every rank's evaluation batches at once.
     module = ddp_scenarios.make_module()
     module.load_state_dict(rank0["state_dict"])
-    kwargs = ddp_scenarios.callback_kwargs()
-    report = lh.analyze(
-        module, None, ddp_scenarios.union(), process_group=None, **kwargs.pop("analyze_kwargs"), **kwargs
-    )
+    settings = lh.HessianCallback(**ddp_scenarios.callback_kwargs()).settings  # the callback's own
+    report = analyze_with(module, None, ddp_scenarios.union(), settings, process_group=None)
     expected = {k: v for k, v in scalar_metrics(report).items() if k != "hessian/seconds"}
     assert report.num_samples == 2 * ddp_scenarios.HALF
     assert {"hessian/net.0/eigenvalue_1", "hessian/net.2/trace"} <= set(expected)

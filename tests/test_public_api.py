@@ -191,6 +191,8 @@ SIGNATURES = {
         ("save_reports", POS, "False"),
         ("progress_bar", POS, "True"),
         ("batch_size_fn", POS, "None"),
+        ("max_overhead", POS, "None"),  # added: the overhead budget
+        ("warm_start", POS, "True"),  # added: start from the previous evaluation's Ritz vectors
     ],
     "MatrixOperator.__init__": [
         ("matrix", POS, REQUIRED),

@@ -65,6 +65,8 @@ def _block_quadrature(
     for _ in range(num_steps):
         if not krylov.pending:
             break  # an invariant block Krylov space: the quadrature is exact
+        if krylov.m + len(krylov.pending) > krylov.capacity:
+            break  # the space is as large as the operator allows (N): the quadrature is exact
         krylov.step(list(range(len(krylov.pending))))
     ritz = krylov.ritz()
     weights = ritz.coords[:kept].pow(2).sum(0) / kept

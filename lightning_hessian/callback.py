@@ -6,8 +6,8 @@ from :mod:`.evaluation_data`), calls :func:`lightning_hessian.analysis.analyze_w
 :mod:`.reporting`. It never changes the training run: the analysis leaves the module, its buffers,
 gradients and every random generator as it found them, and the callback draws no random numbers.
 
-About a quarter of this module is the documentation of the Trainer-facing class (its arguments, what
-it logs, when it evaluates); the hooks and the evaluation flow are the rest.
+A quarter of this module is the documentation of the Trainer-facing class (its arguments, what it
+logs, when and at what cost it evaluates); the hooks and the evaluation flow are the rest.
 """
 
 from __future__ import annotations
@@ -133,6 +133,17 @@ class HessianCallback(Callback):
     outside the module. For a ``training_step`` with such effects pass ``loss_fn=`` computing only the
     loss.
 
+    Monitoring defaults (:data:`MONITORING_DEFAULTS`, each overridable through ``analyze_kwargs``):
+    blocks up to ``dense_limit`` parameters are exact; every larger block is estimated from one block
+    Krylov space (``krylov="shared"``: 4 Rademacher probes, 8 to 32 block steps) that gives the top-k
+    and smallest eigenvalues, converged to a residual of ``tol=1e-3`` of the spectral scale (their
+    convergence is logged as ``eigenvalues_converged``), the density (block quadrature over the 4
+    probes), and the trace (exact on the space plus 16 Hutchinson probes of the deflated remainder; its
+    standard error is logged as ``trace_stderr``). For tighter numbers pass e.g.
+    ``analyze_kwargs={"tol": 1e-6, "trace_matvecs": 64, "density_steps": 64}``; for the separate
+    estimators of :func:`lightning_hessian.analyze`, ``{"krylov": "separate"}``. README, "What it
+    costs", has the measured cost and accuracy of these defaults.
+
     Args:
         every_n_epochs: Evaluate after epochs ``n, 2n, ...`` (counted from 1, like
             ``check_val_every_n_epoch``). When none of ``every_n_epochs``, ``epochs`` and
@@ -179,6 +190,14 @@ class HessianCallback(Callback):
             default Lightning's own rule (``extract_batch_size``: the first tensor's first
             dimension), with a warning when a batch's tensors disagree. Pass it for time-major
             tensors or batches without a tensor holding the samples.
+        max_overhead: The share of wall time since training began that curvature may take (e.g.
+            ``0.1``): an evaluation that would push it above is postponed to the next scheduled point
+            (never made less accurate), with one info line the first time; the share can exceed the
+            budget by one evaluation. ``None`` (default): every scheduled evaluation runs.
+            ``hessian/overhead`` (curvature seconds per training second) is logged either way.
+        warm_start: Start each evaluation's Krylov space from the previous evaluation's top Ritz
+            vectors of the same block (plus the fresh random probes), kept on the device, else on
+            the CPU, else dropped with one info message. A new or resumed ``fit`` starts cold.
 
     Raises:
         TypeError: For an argument of the wrong type (a ``loss_fn`` that cannot be called as

@@ -12,9 +12,16 @@ Reported, as ratios measured in this one process:
 - seconds per Hessian-vector product of one evaluation (the callback's whole wall time, and
   ``analyze`` alone) relative to one bare ``op @ v`` (and to one column of a batched ``op @ V``).
 
+A second section (``--only affordable``) measures the callback's monitoring defaults on the digits CNN
+over 10 epochs: products per evaluation against ``analyze``'s defaults (the callback's defaults before),
+each logged quantity's accuracy against the exact dense spectrum, warm against cold starts of the top-k
+search, and the share of wall time under ``max_overhead=0.1``. A third (``--only cnn``) counts the
+products of a default evaluation before and after on the mid-size CNN (141,034 parameters) and the cost
+of the method choice in products.
+
 Run::
 
-    python benchmarks/callback_overhead.py             # 5 epochs, 1 torch thread
+    python benchmarks/callback_overhead.py             # all sections, 5 epochs, 1 torch thread
     python benchmarks/callback_overhead.py --epochs 3 --threads 2
     python benchmarks/callback_overhead.py --hvp reverse-over-reverse   # no per-evaluation method choice
 """
@@ -22,6 +29,8 @@ Run::
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import logging
 import os
 import statistics
@@ -36,6 +45,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import lightning_hessian as lh
+from lightning_hessian.analysis import analyze_with
+from lightning_hessian.settings import AnalysisSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from train_digits import DigitsCNN, DigitsDataModule  # noqa: E402
@@ -115,10 +126,24 @@ def main() -> None:
     parser.add_argument(
         "--hvp", default="auto", help="HVP method of analyze and the bare operator (default: auto choice)"
     )
+    parser.add_argument(
+        "--only", choices=["overhead", "affordable", "cnn"], nargs="*", help="sections to run"
+    )
+    parser.add_argument(
+        "--accuracy-points", type=int, default=5, help="epochs checked against the exact Hessian"
+    )
+    parser.add_argument("--skip-old-cnn", action="store_true", help="skip the old defaults on the CNN (slow)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    sections = set(args.only or ["overhead", "affordable", "cnn"])
+    if "affordable" in sections:
+        affordable(args)
+    if "cnn" in sections:
+        cnn_costs(args)
+    if "overhead" not in sections:
+        return
 
     with tempfile.TemporaryDirectory() as root:
         plain_seconds, plain_model = fit(args.epochs, [], root)
@@ -185,6 +210,174 @@ def main() -> None:
     print(f"| analyze per HVP / bare `op @ v`, wall | {ratio_analyze:.2f}x |")
     print(f"| callback layer alone: callback / analyze per HVP, wall | {ratio_layer:.2f}x |")
     print(f"| callback per HVP / bare batched column, wall | {ratio_batched:.2f}x |")
+
+
+# ------------------------------------------------------------------------------ affordable defaults
+
+
+class Snapshots(Callback):
+    """The model's state after every epoch (placed after the HessianCallback)."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.states.append(copy.deepcopy(pl_module.state_dict()))
+
+
+def _model_at(state: dict[str, torch.Tensor]) -> DigitsCNN:
+    model = DigitsCNN()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _wasserstein1(nodes: torch.Tensor, weights: torch.Tensor, exact: torch.Tensor) -> float:
+    grid = torch.cat([nodes.double(), exact]).sort().values
+    mass = (weights.double()[None, :] * (nodes.double()[None, :] <= grid[:, None])).sum(1)
+    uniform = (exact[None, :] <= grid[:, None]).double().mean(1)
+    return float(((mass - uniform).abs()[:-1] * grid.diff()).sum())
+
+
+def _accuracy(report: lh.HessianReport, exact: torch.Tensor) -> dict[str, float]:
+    block = report.blocks["model"]
+    top = exact.flip(0)[: block.eigenvalues.values.numel()]
+    scale = float(exact.abs().max())
+    return {
+        "top_k": float(((block.eigenvalues.values.double() - top).abs() / top.abs()).max()),
+        "min": float((block.min_eigenvalue.values.double()[0] - exact[0]).abs()) / scale,
+        "trace": abs(block.trace.value / float(exact.sum()) - 1),
+        "trace_z": abs(block.trace.value - float(exact.sum())) / max(block.trace.stderr, 1e-30),
+        "w1": _wasserstein1(block.density.nodes, block.density.weights, exact)
+        / float(exact.max() - exact.min()),
+        "converged": float(block.eigenvalues.converged.all() and block.min_eigenvalue.converged.all()),
+    }
+
+
+def affordable(args: argparse.Namespace) -> None:
+    """Products per default evaluation (old and new defaults), accuracy against the exact spectrum,
+    warm against cold starts over a 10-evaluation run, and the overhead budget, on the digits CNN."""
+    evaluations = 10
+    with tempfile.TemporaryDirectory() as root:
+        hessian = lh.HessianCallback(evaluate_at_end=False)
+        snapshots = Snapshots()
+        fit(evaluations, [hessian, snapshots], root)
+        budgeted = lh.HessianCallback(evaluate_at_end=False, max_overhead=0.1)
+        budget_seconds, _ = fit(evaluations, [budgeted], root)
+    batches = hessian.batches
+    new = [entry["hessian/num_matvecs"] for entry in hessian.history]
+    old_settings = AnalysisSettings()  # analyze()'s defaults: the callback's defaults before
+    new_cold = dataclasses.replace(hessian.settings, keep_vectors=0)
+    rows, old_counts, old_accuracy, new_accuracy = [], [], [], []
+    for state in snapshots.states[:: max(1, evaluations // args.accuracy_points)]:
+        model = _model_at(state)
+        exact = torch.linalg.eigvalsh(lh.hessian(model, None, batches, dtype=torch.float64))
+        old_report = analyze_with(model, None, batches, old_settings)
+        old_counts.append(old_report.num_matvecs)
+        old_accuracy.append(_accuracy(old_report, exact))
+        new_accuracy.append(_accuracy(analyze_with(model, None, batches, new_cold), exact))
+    top_only = dataclasses.replace(hessian.settings, min_eigenvalue=False, density=False, trace=False)
+    cold, warm, previous = [], [], None
+    for state in snapshots.states:
+        model = _model_at(state)
+        cold_report = analyze_with(model, None, batches, top_only)
+        if previous is not None:
+            warm.append(analyze_with(model, None, batches, top_only, start_vectors=previous).num_matvecs)
+            cold.append(cold_report.num_matvecs)
+        previous = {"model": cold_report.blocks["model"].ritz_vectors}
+    budget_share = sum(h["wall_seconds"] for h in budgeted.history if h.get("ok")) / budget_seconds
+    one_evaluation = (
+        statistics.median(h["wall_seconds"] for h in budgeted.history if h.get("ok")) / budget_seconds
+    )
+
+    def mean(values: list[dict[str, float]], key: str) -> float:
+        return statistics.mean(v[key] for v in values)
+
+    print(f"\nAffordable defaults: digits CNN, {evaluations} epochs, an evaluation after each (1 thread)\n")
+    print("| measure | before (analyze defaults) | after (callback defaults) |")
+    print("|---|---|---|")
+    rows = [
+        (
+            "products per evaluation (median)",
+            f"{statistics.median(old_counts):.0f}",
+            f"{statistics.median(new):.0f}",
+        ),
+        ("ratio after / before", "", f"{statistics.median(new) / statistics.median(old_counts):.2f}x"),
+        (
+            "top-k, worst relative error (mean)",
+            f"{mean(old_accuracy, 'top_k'):.1e}",
+            f"{mean(new_accuracy, 'top_k'):.1e}",
+        ),
+        (
+            "smallest, error / spectral scale (mean)",
+            f"{mean(old_accuracy, 'min'):.1e}",
+            f"{mean(new_accuracy, 'min'):.1e}",
+        ),
+        (
+            "trace, relative error (mean)",
+            f"{mean(old_accuracy, 'trace'):.4f}",
+            f"{mean(new_accuracy, 'trace'):.4f}",
+        ),
+        (
+            "trace, |error| / stderr (mean)",
+            f"{mean(old_accuracy, 'trace_z'):.2f}",
+            f"{mean(new_accuracy, 'trace_z'):.2f}",
+        ),
+        (
+            "density, Wasserstein-1 / spectral width (mean)",
+            f"{mean(old_accuracy, 'w1'):.1e}",
+            f"{mean(new_accuracy, 'w1'):.1e}",
+        ),
+        (
+            "all eigenvalues converged (share)",
+            f"{mean(old_accuracy, 'converged'):.2f}",
+            f"{mean(new_accuracy, 'converged'):.2f}",
+        ),
+    ]
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(
+        f"\nWarm starts (top-k only, tol={hessian.settings.tol:g}, evaluations 2..{evaluations}): cold "
+        f"{statistics.mean(cold):.1f} products, warm {statistics.mean(warm):.1f}, ratio "
+        f"{statistics.mean(warm) / statistics.mean(cold):.2f}x (per evaluation: "
+        f"{', '.join(f'{w}/{c}' for w, c in zip(warm, cold, strict=True))})"
+    )
+    print(
+        f"Budget max_overhead=0.1: {len([h for h in budgeted.history if h.get('ok')])} of {evaluations} "
+        f"evaluations ran; curvature share of wall time {budget_share:.1%} (one evaluation is "
+        f"{one_evaluation:.1%} of the run)"
+    )
+
+
+def cnn_costs(args: argparse.Namespace) -> None:
+    """Products per evaluation before and after on the 141k CNN, and the method choice's cost."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import mid_cnn_problem
+
+    model, loss_fn, batches = mid_cnn_problem()
+    vector = torch.randn(
+        sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0)
+    )
+    op = lh.HessianOperator(model, loss_fn, batches)
+    start = time.perf_counter()
+    op @ vector
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(3):
+        op @ vector
+    product = (time.perf_counter() - start) / 3
+    new = analyze_with(model, loss_fn, batches, lh.HessianCallback().settings)
+    old = analyze_with(model, loss_fn, batches, AnalysisSettings()) if not args.skip_old_cnn else None
+    print(f"\nMid CNN (141,034 parameters, {len(batches)} batches of 64), 1 thread")
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| products per default evaluation, before | {old.num_matvecs if old else 'skipped'} |")
+    print(f"| products per default evaluation, after | {new.num_matvecs} |")
+    if old:
+        print(f"| ratio after / before | {new.num_matvecs / old.num_matvecs:.2f}x |")
+    print(f"| first product incl. the method choice | {first / product:.2f} products |")
+    print(
+        f"| method choice alone (first product - one product) | {(first - product) / product:.2f} products |"
+    )
 
 
 if __name__ == "__main__":

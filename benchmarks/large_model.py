@@ -7,9 +7,10 @@ evaluation at the callback's monitoring defaults (``krylov="shared"``, ``tol=1e-
 
 - products and wall time, and the time in products (seconds / seconds of one bare product);
 - its peak RSS above the RSS before the evaluation, against the stated memory formula of
-  ``lightning_hessian.shared_space``: ``itemsize * N * (capacity + block + trace probes)`` for the
-  Krylov basis and its extra vectors, plus the operator's cached first-order graphs (measured by the
-  operator) and a few ``N``-vectors of working space.
+  ``lightning_hessian.shared_space.check_basis_fits``: ``itemsize * N * (capacity + block + trace
+  probes)`` for the Krylov basis and its extra vectors, plus the operator's cached first-order graphs
+  (measured by the operator) and the workspace of the widest batched product (columns x (one graph's
+  saved tensors + 4 N-vectors)).
 
 Run::
 
@@ -30,8 +31,9 @@ from torch import nn
 
 import lightning_hessian as lh
 from lightning_hessian.analysis import analyze_with
+from lightning_hessian.memory import available_memory
 from lightning_hessian.settings import AnalysisSettings
-from lightning_hessian.shared_space import BASIS_BYTES, basis_capacity
+from lightning_hessian.shared_space import BASIS_MEMORY_SHARE, basis_capacity
 
 MONITORING = {"krylov": "shared", "tol": 1e-3, "density_probes": 4, "density_steps": 32, "trace_matvecs": 16}
 
@@ -75,9 +77,21 @@ def build(args: dict) -> tuple:
 
 def evaluate(model: nn.Module, batches: list) -> dict:
     warnings.simplefilter("ignore")
-    report = analyze_with(model, lm_loss, batches, AnalysisSettings(**MONITORING))
+    free = available_memory("cpu")
+    marks: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    report = analyze_with(
+        model,
+        lm_loss,
+        batches,
+        AnalysisSettings(**MONITORING),
+        progress=lambda done, planned: marks.append((time.perf_counter() - start, done)),
+    )
     block = report.blocks["model"]
     return {
+        "free_bytes": free,
+        "first_products": marks[0],
+        "last_products": marks[-1],
         "num_matvecs": report.num_matvecs,
         "eigenvalues": block.eigenvalues.values.tolist(),
         "converged": block.eigenvalues.converged.tolist() + block.min_eigenvalue.converged.tolist(),
@@ -89,11 +103,13 @@ def bare_product(model: nn.Module, batches: list) -> dict:
     op = lh.HessianOperator(model, lm_loss, batches)
     vector = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(2))
     op @ vector  # the method choice
+    chunk = op.chunk_columns()
     start = time.perf_counter()
     for _ in range(3):
         op @ vector
     graph_bytes = op._graphs.first_graph_bytes * len(batches)  # noqa: SLF001 - a measurement, not an API
-    return {"seconds": (time.perf_counter() - start) / 3, "graph_bytes": graph_bytes, "n": op.shape[0]}
+    seconds = (time.perf_counter() - start) / 3
+    return {"seconds": seconds, "graph_bytes": graph_bytes, "n": op.shape[0], "chunk": chunk}
 
 
 def main() -> None:
@@ -121,19 +137,33 @@ def main() -> None:
     evaluation = run_isolated(evaluate, args, setup=build, threads=args["threads"])
     if evaluation.error:
         raise SystemExit(evaluation.error)
-    block = MONITORING["density_probes"]
-    capacity = basis_capacity(n, block, MONITORING["density_steps"], torch.float32, BASIS_BYTES)
-    basis = 4 * n * (capacity + block + MONITORING["trace_matvecs"])
-    formula = basis + graph_bytes + 8 * 4 * n  # basis and extra vectors, graphs, ~8 working N-vectors
+    block, probes = MONITORING["density_probes"], MONITORING["trace_matvecs"]
+    free = evaluation.result["free_bytes"]
+    capacity = basis_capacity(
+        n, block, MONITORING["density_steps"], torch.float32, int(BASIS_MEMORY_SHARE * free)
+    )
+    basis = 4 * n * (capacity + block + probes)
+    columns = max(block, min(probes, product.result["chunk"]))  # most columns multiplied at once
+    workspace = columns * (graph_bytes // args["batches"] + 4 * 4 * n)
+    formula = basis + graph_bytes + workspace
+    (first_seconds, first_done), (last_seconds, last_done) = (
+        evaluation.result["first_products"],
+        evaluation.result["last_products"],
+    )
     rows = [
         ["parameters N", f"{n:,}"],
         ["products per evaluation", evaluation.result["num_matvecs"]],
         ["evaluation wall s", f"{evaluation.seconds:.1f}"],
         ["one bare product s", f"{product_seconds:.2f}"],
         ["evaluation in products (wall / product)", f"{evaluation.seconds / product_seconds:.1f}"],
+        ["time to the first product (build, loss, method choice)", f"{first_seconds:.1f} s ({first_done})"],
+        [
+            "seconds per product after it",
+            f"{(last_seconds - first_seconds) / max(1, last_done - first_done):.2f}",
+        ],
         ["basis capacity (columns)", capacity],
         ["formula: basis + extra vectors GB", f"{basis / GB:.2f}"],
-        ["formula: + cached graphs + 8 working vectors GB", f"{formula / GB:.2f}"],
+        ["formula: + cached graphs + batched-product workspace GB", f"{formula / GB:.2f}"],
         ["measured peak RSS above start GB", f"{evaluation.peak_increment_bytes / GB:.2f}"],
         [
             "top eigenvalues (converged)",

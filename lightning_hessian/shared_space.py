@@ -37,7 +37,9 @@ from .probes import make_generator, rademacher
 from .results import EigenResult, SpectralDensity, TraceResult
 from .validation import check_int, check_positive_float
 
-#: Memory the shared basis may take before the run stops adding steps (see :func:`basis_capacity`).
+#: Share of the device's free memory the shared basis may take (see :func:`basis_capacity`).
+BASIS_MEMORY_SHARE = 0.25
+#: Memory the basis may take where the free memory cannot be told.
 BASIS_BYTES = 2**30
 #: Fewest block steps when a density is wanted (its resolution grows with the steps).
 MIN_DENSITY_STEPS = 8
@@ -91,9 +93,12 @@ def basis_capacity(
 def check_basis_fits(n: int, capacity: int, extra: int, dtype: torch.dtype, device: torch.device) -> None:
     """Refuse, before allocating, a basis that does not fit in the device's free memory.
 
-    Peak memory of a shared-space run, besides the operator's own (its cached graphs):
-    ``itemsize * N * (capacity + extra)``, ``capacity = min(N, block * max_steps, max_basis_bytes /
-    (itemsize * N))`` basis columns plus ``extra`` columns (the start block and the trace probes).
+    Peak memory of a shared-space run: ``itemsize * N * (capacity + extra)`` for the basis,
+    ``capacity = min(N, block * max_steps, max_basis_bytes / (itemsize * N))`` columns, and ``extra``
+    columns (the start block and the trace probes); plus the operator's own memory: its cached
+    first-order graphs and, while it multiplies ``c`` columns at once, about ``c`` times (one graph's
+    saved tensors + ``4 N itemsize``) of workspace (``HessianOperator.chunk_columns`` keeps that
+    under a quarter of free memory).
 
     Raises:
         HessianTooLargeError: Naming the sizes and the settings that shrink them.
@@ -167,7 +172,7 @@ def shared_space_estimates(
     start_vectors: Tensor | None = None,
     keep_vectors: int = 0,
     return_vectors: bool = False,
-    max_basis_bytes: int = BASIS_BYTES,
+    max_basis_bytes: int | None = None,
 ) -> SharedSpaceResult:
     """Eigenvalues, density and trace of a symmetric operator from one block Krylov space.
 
@@ -190,7 +195,9 @@ def shared_space_estimates(
         start_vectors: ``[N, w]`` warm-start vectors (e.g. the previous evaluation's Ritz vectors).
         keep_vectors: How many top Ritz vectors to return in :attr:`SharedSpaceResult.vectors`.
         return_vectors: Put the top-k Ritz vectors in ``eigenvalues.vectors``.
-        max_basis_bytes: Memory the basis may take (see :func:`basis_capacity`).
+        max_basis_bytes: Memory the basis may take (see :func:`basis_capacity`); default
+            :data:`BASIS_MEMORY_SHARE` of the device's free memory (:data:`BASIS_BYTES` where it
+            cannot be told). When the cap stops the run before the values converge, their flags say so.
 
     Returns:
         A :class:`SharedSpaceResult`.
@@ -221,6 +228,9 @@ def shared_space_estimates(
     probes = rademacher(n, num_probes, generator, dtype, op.device)
     start = probes if start_vectors is None else torch.cat([probes, start_vectors.to(probes)], dim=1)
     block = start.shape[1]
+    if max_basis_bytes is None:
+        free = available_memory(op.device)
+        max_basis_bytes = BASIS_BYTES if free is None else int(BASIS_MEMORY_SHARE * free)
     capacity = basis_capacity(n, block, max_steps, dtype, max_basis_bytes)
     check_basis_fits(n, capacity, block + trace_probes, dtype, torch.device(op.device))
     krylov = KrylovBasis(op, n, capacity, generator)

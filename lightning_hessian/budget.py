@@ -75,3 +75,8 @@ class OverheadBudget:
         """Count one evaluation's wall seconds."""
         self.curvature_seconds += seconds
         self.last_cost = seconds
+
+    def extend(self, seconds: float) -> None:
+        """Add more seconds to the last evaluation (e.g. its logging, measured after it)."""
+        self.curvature_seconds += seconds
+        self.last_cost = (self.last_cost or 0.0) + seconds

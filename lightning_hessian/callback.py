@@ -534,7 +534,9 @@ class HessianCallback(Callback):
                 / trainer.world_size
             )
             extra = {"overhead": overhead}
+            logging_start = self.budget.clock()
             metrics = self._agreed(trainer, lambda: self._log(trainer, report, epoch, step, reason, extra))
+            self.budget.extend(self.budget.clock() - logging_start)
         except _AgreedFailure as failure:
             if not recorded:
                 self.budget.record(self.budget.clock() - start)

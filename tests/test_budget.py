@@ -62,3 +62,12 @@ def test_bad_budgets_are_refused():
         OverheadBudget(0.0)
     with pytest.raises(ValueError, match="at most 1"):
         OverheadBudget(1.5)
+
+
+def test_logging_time_counts_towards_the_last_evaluation():
+    clock = FakeClock()
+    budget = OverheadBudget(0.5, clock=clock)
+    budget.start()
+    budget.record(1.0)
+    budget.extend(0.25)
+    assert budget.curvature_seconds == 1.25 and budget.last_cost == 1.25

@@ -197,7 +197,9 @@ class HessianCallback(Callback):
             ``hessian/overhead`` (curvature seconds per training second) is logged either way.
         warm_start: Start each evaluation's Krylov space from the previous evaluation's top Ritz
             vectors of the same block (plus the fresh random probes), kept on the device, else on
-            the CPU, else dropped with one info message. A new or resumed ``fit`` starts cold.
+            the CPU, else dropped with one info message. A new or resumed ``fit`` starts cold. Off by
+            default: the kept vectors widen every block step, which pays only where the top
+            eigenvectors turn little between evaluations (README, "What it costs", has the numbers).
 
     Raises:
         TypeError: For an argument of the wrong type (a ``loss_fn`` that cannot be called as
@@ -244,7 +246,7 @@ class HessianCallback(Callback):
         progress_bar: bool = True,
         batch_size_fn: Callable[[Any], int] | None = None,
         max_overhead: float | None = None,
-        warm_start: bool = True,
+        warm_start: bool = False,
     ) -> None:
         super().__init__()
         self.schedule = Schedule.create(every_n_epochs, epochs, every_n_steps, evaluate_at_end)

@@ -52,7 +52,7 @@ def test_later_evaluations_start_from_the_previous_ritz_vectors_and_a_new_fit_st
     tmp_path, monkeypatch
 ):
     calls = _recording(monkeypatch)
-    hessian = lh.HessianCallback(**ITERATIVE, evaluate_at_end=False)
+    hessian = lh.HessianCallback(**ITERATIVE, evaluate_at_end=False, warm_start=True)
     trainer(tmp_path, [hessian], max_epochs=3, logger=False).fit(TinyModule(), loader())
     assert [sorted(c) for c in calls] == [[], ["model"], ["model"]]
     assert calls[1]["model"].shape == (63, 3)
@@ -61,9 +61,9 @@ def test_later_evaluations_start_from_the_previous_ritz_vectors_and_a_new_fit_st
     assert all(entry["ok"] for entry in hessian.history)
 
 
-def test_warm_start_can_be_turned_off(tmp_path, monkeypatch):
+def test_warm_start_is_off_by_default(tmp_path, monkeypatch):
     calls = _recording(monkeypatch)
-    hessian = lh.HessianCallback(**ITERATIVE, evaluate_at_end=False, warm_start=False)
+    hessian = lh.HessianCallback(**ITERATIVE, evaluate_at_end=False)
     trainer(tmp_path, [hessian], max_epochs=2, logger=False).fit(TinyModule(), loader())
     assert calls == [{}, {}] and hessian.settings.keep_vectors == 0
 

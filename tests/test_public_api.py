@@ -192,7 +192,7 @@ SIGNATURES = {
         ("progress_bar", POS, "True"),
         ("batch_size_fn", POS, "None"),
         ("max_overhead", POS, "None"),  # added: the overhead budget
-        ("warm_start", POS, "True"),  # added: start from the previous evaluation's Ritz vectors
+        ("warm_start", POS, "False"),  # added: start from the previous evaluation's Ritz vectors
     ],
     "MatrixOperator.__init__": [
         ("matrix", POS, REQUIRED),

@@ -26,7 +26,7 @@ def test_the_callback_fills_the_same_settings():
     callback = lh.HessianCallback(
         top_k=5, dtype="float64", analyze_kwargs={"trace_matvecs": 9, "hvp": "auto"}
     )
-    monitoring = {"krylov": "shared", "tol": 1e-3, "keep_vectors": 5}  # the callback's affordable defaults
+    monitoring = {"krylov": "shared", "tol": 1e-3}  # the callback's affordable defaults
     assert callback.settings == AnalysisSettings(top_k=5, dtype=torch.float64, trace_matvecs=9, **monitoring)
     assert callback.top_k == 5 and callback.dtype is torch.float64
 

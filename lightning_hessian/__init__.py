@@ -16,6 +16,7 @@ from .linear_operator import MatrixOperator, SymmetricOperator
 from .operator import HessianOperator
 from .parameters import ParameterSpace, resolve_blocks, select_parameters
 from .results import BlockReport, EigenResult, HessianReport, SpectralDensity, TraceResult
+from .stability import StabilityResult, stability
 from .trace import trace
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "NonFiniteHessianError",
     "ParameterSpace",
     "SpectralDensity",
+    "StabilityResult",
     "SymmetricOperator",
     "TraceResult",
     "analyze",
@@ -41,5 +43,6 @@ __all__ = [
     "resolve_blocks",
     "select_parameters",
     "spectral_density",
+    "stability",
     "trace",
 ]

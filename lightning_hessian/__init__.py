@@ -11,24 +11,37 @@ from .callback import HessianCallback
 from .density import spectral_density
 from .errors import HessianTooLargeError, NonFiniteHessianError
 from .exact import hessian
+from .geometry import eigenspace_overlap, gradient_geometry
 from .lanczos import HessianConvergenceWarning, eigenvalues
+from .landscape import loss_landscape
 from .linear_operator import MatrixOperator, SymmetricOperator
 from .operator import HessianOperator
 from .parameters import ParameterSpace, resolve_blocks, select_parameters
-from .results import BlockReport, EigenResult, HessianReport, SpectralDensity, TraceResult
-from .stability import StabilityResult, stability
+from .results import (
+    BlockReport,
+    EigenResult,
+    GradientGeometry,
+    HessianReport,
+    Landscape,
+    SpectralDensity,
+    StabilityResult,
+    TraceResult,
+)
+from .stability import stability
 from .trace import trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockReport",
+    "EigenResult",
+    "GradientGeometry",
     "HessianCallback",
     "HessianConvergenceWarning",
-    "EigenResult",
     "HessianOperator",
     "HessianReport",
     "HessianTooLargeError",
+    "Landscape",
     "MatrixOperator",
     "NonFiniteHessianError",
     "ParameterSpace",
@@ -37,9 +50,12 @@ __all__ = [
     "SymmetricOperator",
     "TraceResult",
     "analyze",
+    "eigenspace_overlap",
     "eigenvalues",
+    "gradient_geometry",
     "hessian",
     "infer_batch_size",
+    "loss_landscape",
     "resolve_blocks",
     "select_parameters",
     "spectral_density",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -15,6 +16,7 @@ from .batches import BatchSizeFn
 from .closure import LossFn
 from .dense import agreed_dense_check, dense_from_operator
 from .density import spectral_density
+from .dynamics import block_dynamics, wants_eigenvectors
 from .errors import NonFiniteHessianError
 from .lanczos import eigenvalues
 from .operator import HessianOperator
@@ -71,11 +73,18 @@ def _exact_eigen(values: Tensor, which: str, k: int) -> EigenResult:
 
 def _dense_block(name: str, op: HessianOperator, settings: AnalysisSettings) -> BlockReport:
     matrix = dense_from_operator(op)
-    spectrum = torch.linalg.eigvalsh(matrix.to(torch.float64)).cpu()
+    if settings.eigenvectors:
+        spectrum, basis = torch.linalg.eigh(matrix.to(torch.float64))
+        spectrum = spectrum.cpu()
+    else:
+        spectrum, basis = torch.linalg.eigvalsh(matrix.to(torch.float64)).cpu(), None
     n = spectrum.shape[0]
     report = BlockReport(name=name, size=n, method="dense", spectrum=spectrum, num_matvecs=n)
     if settings.top_k:
-        report.eigenvalues = _exact_eigen(spectrum, "largest", min(settings.top_k, n))
+        k = min(settings.top_k, n)
+        report.eigenvalues = _exact_eigen(spectrum, "largest", k)
+        if basis is not None:
+            report.eigenvalues.vectors = basis[:, n - k :].flip(1).to(op.dtype)
     if settings.min_eigenvalue:
         report.min_eigenvalue = _exact_eigen(spectrum, "smallest", 1)
     if settings.trace:
@@ -219,6 +228,10 @@ def analyze(
     reduction: str = "mean",
     krylov: str = "separate",
     keep_vectors: int = 0,
+    gradient_geometry: bool = False,
+    landscape: bool = False,
+    landscape_points: int = 21,
+    optimizer: torch.optim.Optimizer | None = None,
     process_group: Any = "auto",
     progress: Progress | None = None,
 ) -> HessianReport:
@@ -264,11 +277,20 @@ def analyze(
             ``density_steps`` steps, ``trace_matvecs`` remainder probes, far fewer products.
         keep_vectors: Top Ritz vectors each iterative block keeps (``krylov="shared"``), for a warm
             start of the next analysis (``analyze_with(..., start_vectors=...)``).
+        gradient_geometry: Also measure each block's gradient alignment with its top-``k``
+            eigenspace, curvature along the gradient and batch sharpness
+            (:func:`lightning_hessian.geometry.gradient_geometry`; about two products).
+        landscape: Also measure the loss along each block's top two eigenvectors and its gradient
+            (:func:`lightning_hessian.landscape.loss_landscape`; forward passes).
+        landscape_points: Points per landscape direction.
+        optimizer: The optimizer training the model: each block gets its
+            :func:`lightning_hessian.stability` (free for SGD with one learning rate per block).
         process_group: See :class:`HessianOperator`.
         progress: ``progress(done, planned)``, called as products complete.
 
     Returns:
-        A :class:`~lightning_hessian.results.HessianReport`.
+        A :class:`~lightning_hessian.results.HessianReport`. Where a training-dynamics quantity needs
+        them, the blocks' ``eigenvalues.vectors`` hold the top eigenvectors.
 
     Raises:
         ValueError: For bad arguments, before any product.
@@ -304,8 +326,13 @@ def analyze(
         reduction=reduction,
         krylov=krylov,
         keep_vectors=keep_vectors,
+        gradient_geometry=gradient_geometry,
+        landscape=landscape,
+        landscape_points=landscape_points,
     )
-    return analyze_with(model, loss_fn, data, settings, process_group=process_group, progress=progress)
+    return analyze_with(
+        model, loss_fn, data, settings, process_group=process_group, progress=progress, optimizer=optimizer
+    )
 
 
 def analyze_with(
@@ -317,6 +344,8 @@ def analyze_with(
     process_group: Any = "auto",
     progress: Progress | None = None,
     start_vectors: Mapping[str, Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    previous_vectors: Mapping[str, Tensor] | None = None,
 ) -> HessianReport:
     """:func:`analyze` with its settings given as one :class:`AnalysisSettings` object.
 
@@ -329,6 +358,10 @@ def analyze_with(
         progress: ``progress(done, planned)``, called as products complete.
         start_vectors: Warm-start vectors by block name (``krylov="shared"``), e.g. the previous
             evaluation's ``report.blocks[name].ritz_vectors``; ignored where the size differs.
+        optimizer: The optimizer whose :func:`lightning_hessian.stability` each block reports.
+        previous_vectors: The previous evaluation's top eigenvectors by block name (its
+            ``report.blocks[name].eigenvalues.vectors``): each block then reports its
+            ``eigenvector_overlap`` with them.
 
     Returns:
         A :class:`~lightning_hessian.results.HessianReport`.
@@ -343,6 +376,12 @@ def analyze_with(
     """
     if progress is not None:
         check_callable("progress", progress, "progress(done, planned)")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"`optimizer` must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}."
+        )
+    if wants_eigenvectors(settings, previous_vectors) and not settings.eigenvectors:
+        settings = dataclasses.replace(settings, eigenvectors=True)
     started = time.perf_counter()
     op = HessianOperator(
         model,
@@ -401,6 +440,9 @@ def analyze_with(
                 block = _shared_block(name, counting, settings, (start_vectors or {}).get(name))
             else:
                 block = _iterative_block(name, counting, settings, shared_trace)
+        if block.method != "zero":
+            previous = (previous_vectors or {}).get(name)
+            block_dynamics(block, block_op, settings, optimizer, previous)
         if not single:
             block_op.release_graphs()
         block.seconds = time.perf_counter() - block_start

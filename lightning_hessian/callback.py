@@ -40,6 +40,7 @@ from .reporting import DEFAULT_PREFIX, ProgressBar, ReportLogger, logging_step, 
 from .results import HessianReport
 from .schedule import Schedule
 from .settings import AnalysisSettings
+from .stability import unsupported_reason
 from .state import preserved_python_state
 from .validation import check_bool, check_callable, check_choice, check_int
 from .warm_start import RitzVectorStore
@@ -108,9 +109,12 @@ class HessianCallback(Callback):
     and a fixed set of batches, then logs, at the step of Lightning's own metrics of that batch or
     epoch, for every block ``B``: ``hessian/B/trace``, ``trace_stderr``, ``hessian/B/eigenvalue_1``
     ... ``eigenvalue_k``, ``eigenvalue_min``, ``eigenvalues_converged``, ``hessian/loss``,
-    ``hessian/num_matvecs`` and ``hessian/seconds`` to every logger and ``trainer.callback_metrics``;
-    to TensorBoard, W&B, MLflow and CSV loggers also the histogram ``hessian/B/spectrum`` and the
-    figure ``hessian/B/density``.
+    ``hessian/num_matvecs`` and ``hessian/seconds`` to every logger and ``trainer.callback_metrics``,
+    with the training dynamics ``hessian/B/stability``, ``preconditioned_eigenvalue_1``,
+    ``gradient_alignment``, ``gradient_curvature``, ``batch_sharpness`` and ``eigenvector_overlap``
+    (see their arguments); to TensorBoard, W&B, MLflow and CSV loggers also the histogram
+    ``hessian/B/spectrum`` and the figures ``hessian/B/density`` and (``landscape=True``)
+    ``hessian/B/landscape``.
 
     Evaluations happen in ``on_train_epoch_end`` (after that epoch's validation), so a
     ``ModelCheckpoint``/``EarlyStopping`` that monitors a ``hessian/...`` value needs
@@ -195,6 +199,23 @@ class HessianCallback(Callback):
             (never made less accurate), with one info line the first time; the share can exceed the
             budget by one evaluation. ``None`` (default): every scheduled evaluation runs.
             ``hessian/overhead`` (curvature seconds per training second) is logged either way.
+        stability: Log ``hessian/B/stability`` (1.0 is the edge of stability: the optimizer, frozen
+            at its state, diverges on the local quadratic model above it) and, for adaptive
+            optimizers, ``hessian/B/preconditioned_eigenvalue_1`` (:func:`lightning_hessian.stability`).
+            Free under SGD with one learning rate per block (read from the top eigenvalue); one
+            Lanczos search of ``D^½ H D^½`` under Adam, RMSprop, Adagrad. Needs a single optimizer;
+            other optimizers get one warning and no value.
+        gradient_geometry: Log ``hessian/B/gradient_alignment`` (the share of the gradient in the
+            top-k eigenspace), ``hessian/B/gradient_curvature`` (``gᵀHg / gᵀg``) and
+            ``hessian/B/batch_sharpness`` (the mean over the evaluation batches of
+            ``g_bᵀH_bg_b / ||g_b||²``): about two products and one gradient per batch.
+        eigenvector_overlap: Log ``hessian/B/eigenvector_overlap``, ``||V_prevᵀ V_now||_F² / k`` of
+            consecutive evaluations' top-k eigenvectors (kept like the warm-start vectors; skipped at
+            the first evaluation of a fit and when they were dropped for memory).
+        landscape: Log the figure ``hessian/B/landscape``: the loss along the top two eigenvectors
+            and the gradient with the quadratic model ``½ λ t²`` overlaid (forward passes only; 21
+            points per direction, ``analyze_kwargs={"landscape_points": n}`` to change). Off by
+            default: about 60 loss evaluations per block.
         warm_start: Start each evaluation's Krylov space from the previous evaluation's top Ritz
             vectors of the same block (plus the fresh random probes), kept on the device, else on
             the CPU, else dropped with one info message. A new or resumed ``fit`` starts cold. Off by
@@ -247,6 +268,10 @@ class HessianCallback(Callback):
         batch_size_fn: Callable[[Any], int] | None = None,
         max_overhead: float | None = None,
         warm_start: bool = False,
+        stability: bool = True,
+        gradient_geometry: bool = True,
+        eigenvector_overlap: bool = True,
+        landscape: bool = False,
     ) -> None:
         super().__init__()
         self.schedule = Schedule.create(every_n_epochs, epochs, every_n_steps, evaluate_at_end)
@@ -283,8 +308,12 @@ class HessianCallback(Callback):
             seed=seed,
             method=method,
             dense_limit=dense_limit,
+            gradient_geometry=gradient_geometry,
+            landscape=landscape,
             **more,
         )
+        self.stability = check_bool("stability", stability)
+        self.eigenvector_overlap = check_bool("eigenvector_overlap", eigenvector_overlap)
         if loss_fn is not None:
             check_callable("loss_fn", loss_fn, "loss_fn(module, batch) (or None to use training_step)")
             check_loss_fn(loss_fn)
@@ -314,6 +343,7 @@ class HessianCallback(Callback):
         self._resuming = False  # load_state_dict ran since the last fit started: continue its run
         self.budget = OverheadBudget(max_overhead)
         self._ritz = RitzVectorStore(rank_zero_info)
+        self._eigenvectors = RitzVectorStore(rank_zero_info)  # the previous top-k, for the overlap
 
     params = _setting("params")
     blocks = _setting("blocks")
@@ -326,6 +356,8 @@ class HessianCallback(Callback):
     seed = _setting("seed")
     method = _setting("method")
     dense_limit = _setting("dense_limit")
+    gradient_geometry = _setting("gradient_geometry")
+    landscape = _setting("landscape")
 
     # ------------------------------------------------------------------------------------ state
     @property
@@ -429,6 +461,7 @@ class HessianCallback(Callback):
         self._resuming = False
         self.budget.start()
         self._ritz.clear()  # a new or resumed run starts cold
+        self._eigenvectors.clear()  # and its first evaluation has no overlap to report
         dtype = compute_dtype(module, self.settings.dtype)
         if dtype != self.settings.dtype and "dtype" not in self._warned:
             self._warned.add("dtype")
@@ -523,6 +556,7 @@ class HessianCallback(Callback):
             batches = self._agreed(trainer, lambda: self._evaluation_batches(trainer, module))
             entry["num_batches"] = len(batches)
             report = self._agreed(trainer, lambda: self._analyze(trainer, module, batches, epoch))
+            self._keep_vectors(report)
             self.budget.record(self.budget.clock() - start)
             recorded = True
             # Each rank measures its own clock; the mean over ranks is logged, identical everywhere.
@@ -547,10 +581,21 @@ class HessianCallback(Callback):
         entry.update(ok=True, wall_seconds=self.budget.clock() - start, **metrics)
         self.history.append(entry)
         self.last_report = report
+
+    def _keep_vectors(self, report: HessianReport) -> None:
+        """Keep what the next evaluation needs (warm-start and top-k vectors), then take the vectors
+        out of the report: they are not logged or saved unless ``eigenvectors`` was asked for.
+        """
         if self.warm_start:
             self._ritz.keep({name: block.ritz_vectors for name, block in report.blocks.items()})
+        if self.eigenvector_overlap:
+            self._eigenvectors.keep(
+                {name: b.eigenvalues.vectors if b.eigenvalues else None for name, b in report.blocks.items()}
+            )
         for block in report.blocks.values():
-            block.ritz_vectors = None  # kept above for the next evaluation, not in logs or saved reports
+            block.ritz_vectors = None
+            if block.eigenvalues is not None and not self.settings.eigenvectors:
+                block.eigenvalues.vectors = None
 
     def _budget_allows(self, trainer: pl.Trainer, epoch: int, step: int) -> bool:
         """Whether the overhead budget lets this evaluation run (agreed by every rank)."""
@@ -619,6 +664,8 @@ class HessianCallback(Callback):
                 process_group=trainer_process_group(trainer),
                 progress=bar,
                 start_vectors=self._ritz.vectors if self.warm_start else None,
+                optimizer=self._optimizer(trainer) if self.stability else None,
+                previous_vectors=self._eigenvectors.vectors if self.eigenvector_overlap else None,
             )
         bad = report.non_finite()
         if bad:
@@ -627,6 +674,29 @@ class HessianCallback(Callback):
                 f"at the evaluated batches is {report.loss}"
             )
         return report
+
+    def _optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer | None:
+        """The optimizer whose stability is logged, or ``None`` (saying why, once)."""
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            self._warn_once(
+                "stability-optimizers",
+                f"HessianCallback: stability needs the one optimizer that trains the model, found "
+                f"{len(optimizers)}; hessian/*/stability is not logged (pass stability=False to "
+                "silence this).",
+            )
+            return None
+        reason = unsupported_reason(optimizers[0])
+        if reason is None:
+            return optimizers[0]
+        if "has not taken a step yet" in reason:
+            return None  # the next evaluation has its moment estimates
+        self._warn_once(
+            "stability-unsupported",
+            f"HessianCallback: no stability value: {reason}. hessian/*/stability is not logged (pass "
+            "stability=False to silence this).",
+        )
+        return None
 
     def _log(
         self,

@@ -7,6 +7,7 @@ BatchNorm running statistics are undone, and every random-number generator is re
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -178,6 +179,7 @@ class LossClosure:
             raise ValueError(f"Every batch must hold at least one sample; sizes: {self.batch_sizes}.")
         self.num_samples = sum(self.batch_sizes)
         self._wrapper = _LossModule(model, self.loss_fn)
+        self.batch_offset = 0  # index of the first batch in the data it was taken from (see subset)
         if mode == "train" and any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
             warnings.warn(
                 "mode='train' with dropout: each batch uses one fixed random dropout mask, so the "
@@ -248,9 +250,10 @@ class LossClosure:
         swapped.update((f"model.{k}", v) for k, v in params.items())
         if self.mode == "train":
             # One fixed random stream per batch, so dropout draws the same mask for every product.
-            torch.manual_seed(_TRAIN_MODE_SEED + index)
+            torch.manual_seed(_TRAIN_MODE_SEED + self.batch_offset + index)
         with preserved_tensor_slots(self.model):
-            loss = functional_call(self._wrapper, swapped, (self.batches[index], index), strict=False)
+            batch_idx = self.batch_offset + index
+            loss = functional_call(self._wrapper, swapped, (self.batches[index], batch_idx), strict=False)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(
@@ -258,6 +261,19 @@ class LossClosure:
                 "reduction='mean' in the loss function."
             )
         return loss.reshape(())
+
+    def subset(self, index: int) -> LossClosure:
+        """A closure over batch ``index`` alone (same model, loss and settings; mean reduction).
+
+        Its one batch keeps its index for ``training_step``'s ``batch_idx`` and train-mode seeding.
+        """
+        single = copy.copy(self)
+        single.batches = [self.batches[index]]
+        single.batch_sizes = [self.batch_sizes[index]]
+        single.num_samples = self.batch_sizes[index]
+        single.reduction = "mean"
+        single.batch_offset = self.batch_offset + index
+        return single
 
     def weight(self, index: int, total: int | None = None) -> float:
         """Weight of batch ``index``: its share of ``total`` samples (default: this closure's), or 1.

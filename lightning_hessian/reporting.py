@@ -5,8 +5,11 @@ CSVLogger's ``metrics.csv``), all at one step.
 
 Names (the design contract), for a block ``B``: ``hessian/B/trace``, ``hessian/B/trace_stderr``,
 ``hessian/B/eigenvalue_1`` ... ``hessian/B/eigenvalue_k``, ``hessian/B/eigenvalue_min``,
-``hessian/B/eigenvalues_converged``, the histogram ``hessian/B/spectrum`` and the figure
-``hessian/B/density``; plus ``hessian/loss``, ``hessian/num_matvecs`` and ``hessian/seconds``, and
+``hessian/B/eigenvalues_converged``, the training dynamics ``hessian/B/stability``,
+``hessian/B/preconditioned_eigenvalue_1`` (adaptive optimizers), ``hessian/B/gradient_alignment``,
+``hessian/B/gradient_curvature``, ``hessian/B/batch_sharpness`` and ``hessian/B/eigenvector_overlap``
+(each when measured), the histogram ``hessian/B/spectrum`` and the figures ``hessian/B/density`` and
+``hessian/B/landscape``; plus ``hessian/loss``, ``hessian/num_matvecs`` and ``hessian/seconds``, and
 ``epoch`` next to them in the loggers (as Lightning logs it with its own metrics).
 """
 
@@ -258,6 +261,48 @@ class ProgressBar:
         self.bar.close()
 
 
+def landscape_image(block: BlockReport, step: int | None = None) -> np.ndarray | None:
+    """Render a block's loss landscape: the loss along each direction with its quadratic model.
+
+    Args:
+        block: A block of a report.
+        step: Global step shown in the title.
+
+    Returns:
+        An ``[H, W, 3]`` uint8 RGB image, or ``None`` when the block has no landscape.
+    """
+    landscape = block.landscape
+    if landscape is None:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for i, (name, losses) in enumerate(landscape.losses.items()):
+        offsets = landscape.offsets[name].numpy()
+        curvature = landscape.curvatures[name]
+        axes.plot(offsets, losses.numpy(), color=f"C{i}", lw=1.5, marker=".", label=f"loss along {name}")
+        axes.plot(
+            offsets,
+            landscape.quadratic_model(name).numpy(),
+            color=f"C{i}",
+            ls="--",
+            lw=1,
+            label=f"quadratic model (curvature {curvature:.4g})",
+        )
+    axes.set_xlabel("step length t along the unit direction")
+    axes.set_ylabel("loss")
+    title = f"Loss landscape of {block.name!r}"
+    axes.set_title(title if step is None else f"{title}, step {step}", fontsize=10)
+    axes.legend(fontsize=8, loc="upper center")
+    axes.grid(True, alpha=0.3)
+    figure.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.92)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 @dataclasses.dataclass
 class BlockMedia:
     """One block's media of one evaluation, rendered once for every logger.
@@ -267,12 +312,14 @@ class BlockMedia:
         block: The block's report.
         histogram: :func:`histogram_data` (``None`` without histograms or without a spectrum).
         image: :func:`density_image` (``None`` without figures or without a spectrum).
+        landscape: :func:`landscape_image` (``None`` without figures or without a landscape).
     """
 
     name: str
     block: BlockReport
     histogram: dict[str, Any] | None
     image: np.ndarray | None
+    landscape: np.ndarray | None = None
 
 
 def media_kind(logger: Logger) -> str | None:
@@ -305,11 +352,12 @@ def media_kind(logger: Logger) -> str | None:
 
 
 def media_path(prefix: str, kind: str, block: str, step: int) -> str:
-    """Relative path of a block's figure (``kind="figures"``, PNG) or histogram (``"spectra"``, JSON).
+    """Relative path of a block's figure (``kind="figures"`` or ``"landscapes"``, PNG) or histogram
+    (``"spectra"``, JSON).
 
     Args:
         prefix: Leading name component of the tags (``"hessian"``).
-        kind: ``"figures"`` or ``"spectra"``.
+        kind: ``"figures"``, ``"landscapes"`` or ``"spectra"``.
         block: Block name; characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``.
         step: The logged step.
 
@@ -323,7 +371,7 @@ def media_path(prefix: str, kind: str, block: str, step: int) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", block)
     if not name.strip("."):
         name = name.replace(".", "_") or "_"
-    suffix = "png" if kind == "figures" else "json"
+    suffix = "json" if kind == "spectra" else "png"
     return f"{prefix}_{kind}/{name}/step={step}.{suffix}"
 
 
@@ -406,8 +454,9 @@ class ReportLogger:
         for name, block in report.blocks.items():
             histogram = histogram_data(block, self.histogram_bins) if self.histograms else None
             image = density_image(block, step) if self.figures else None
-            if histogram is not None or image is not None:
-                out.append(BlockMedia(name, block, histogram, image))
+            landscape = landscape_image(block, step) if self.figures else None
+            if histogram is not None or image is not None or landscape is not None:
+                out.append(BlockMedia(name, block, histogram, image, landscape))
         return out
 
     @rank_zero_only
@@ -470,6 +519,8 @@ class ReportLogger:
                 writer.add_histogram_raw(f"{tag}/spectrum", **raw, global_step=step)
             if item.image is not None:
                 writer.add_image(f"{tag}/density", item.image, global_step=step, dataformats="HWC")
+            if item.landscape is not None:
+                writer.add_image(f"{tag}/landscape", item.landscape, global_step=step, dataformats="HWC")
 
     def _wandb_media(self, media: list[BlockMedia], step: int) -> dict[str, Any]:
         import wandb
@@ -485,6 +536,9 @@ class ReportLogger:
                 payload[f"{tag}/spectrum"] = wandb.Histogram(np_histogram=(histogram["bucket_counts"], edges))
             if item.image is not None:
                 payload[f"{tag}/density"] = wandb.Image(item.image, caption=f"{tag}/density, step {step}")
+            if item.landscape is not None:
+                caption = f"{tag}/landscape, step {step}"
+                payload[f"{tag}/landscape"] = wandb.Image(item.landscape, caption=caption)
         return payload
 
     def _mlflow_media(self, logger: Any, media: list[BlockMedia], step: int) -> None:
@@ -493,10 +547,11 @@ class ReportLogger:
             if item.histogram is not None:
                 path = media_path(self.prefix, "spectra", item.name, step)
                 client.log_dict(run_id, {**item.histogram, "step": step}, path)
-            if item.image is not None:
-                client.log_image(
-                    run_id, item.image, artifact_file=media_path(self.prefix, "figures", item.name, step)
-                )
+            for kind, image in (("figures", item.image), ("landscapes", item.landscape)):
+                if image is not None:
+                    client.log_image(
+                        run_id, image, artifact_file=media_path(self.prefix, kind, item.name, step)
+                    )
 
     def _file_media(self, folder: Path, media: list[BlockMedia], step: int) -> None:
         from matplotlib.image import imsave
@@ -506,10 +561,11 @@ class ReportLogger:
                 path = folder / media_path(self.prefix, "spectra", item.name, step)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({**item.histogram, "step": step}))
-            if item.image is not None:
-                path = folder / media_path(self.prefix, "figures", item.name, step)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                imsave(path, item.image)
+            for kind, image in (("figures", item.image), ("landscapes", item.landscape)):
+                if image is not None:
+                    path = folder / media_path(self.prefix, kind, item.name, step)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    imsave(path, image)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

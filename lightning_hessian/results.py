@@ -26,7 +26,7 @@ from torch import Tensor
 
 #: The ``"format"`` entry of a saved report, and the version of its layout.
 REPORT_FORMAT = "lightning_hessian.HessianReport"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: training-dynamics fields of BlockReport (files of version 1 still load)
 
 
 @dataclass
@@ -166,6 +166,82 @@ class SpectralDensity:
 
 
 @dataclass
+class StabilityResult:
+    """How far the optimizer, frozen at its state, is from diverging on the local quadratic model.
+
+    See :func:`lightning_hessian.stability` for the derivation of each optimizer's threshold.
+
+    Attributes:
+        value: ``eigenvalue / threshold``: above 1 the frozen optimizer diverges.
+        eigenvalue: The largest eigenvalue of ``D^½ (H + W) D^½`` (``D`` the step sizes, ``W`` the
+            coupled weight decay): the "preconditioned sharpness" in units of steps.
+        threshold: That eigenvalue at the edge (2 for plain SGD, ``2 + 2β`` with momentum ``β``,
+            ``(2 + 2β1) / (1 - β1)`` for Adam).
+        optimizer: The optimizer's class name.
+        adaptive: Whether ``D`` comes from the optimizer's second-moment state.
+        converged: Whether the eigenvalue met its tolerance.
+        num_matvecs: Hessian-vector products used (0 when read from the block's top eigenvalue).
+    """
+
+    value: float
+    eigenvalue: float
+    threshold: float
+    optimizer: str
+    adaptive: bool
+    converged: bool
+    num_matvecs: int
+
+
+@dataclass
+class GradientGeometry:
+    """Where the gradient points relative to the curvature.
+
+    Attributes:
+        gradient_norm: ``||g||`` of the loss over all batches.
+        alignment: ``||V_kᵀ g||² / ||g||²``, the share of the gradient in the top-``k`` eigenspace
+            (``None`` without eigenvectors).
+        curvature: ``gᵀ H g / gᵀ g``, the curvature along the gradient.
+        batch_sharpness: The mean over batches ``b`` of ``g_bᵀ H_b g_b / ||g_b||²``.
+        num_batches: Batches the batch sharpness averages over (all ranks).
+        num_matvecs: Products used, counting a product over one batch as ``1 / batches``.
+    """
+
+    gradient_norm: float
+    alignment: float | None
+    curvature: float
+    batch_sharpness: float
+    num_batches: int
+    num_matvecs: float
+
+
+@dataclass
+class Landscape:
+    """The loss along a few unit directions through the current parameters.
+
+    Attributes:
+        offsets: ``[P]`` step lengths ``t``, symmetric around 0, per direction (rows of ``losses``).
+        losses: ``{direction: [P] losses at θ + t·d}``.
+        curvatures: ``{direction: dᵀ H d}``, the quadratic model ``L(θ) + ½ curvature t²`` (plus
+            ``t·gᵀd`` for directions not orthogonal to the gradient, see ``slopes``).
+        slopes: ``{direction: gᵀ d}``.
+        loss: The loss at the current parameters.
+        num_forward: Loss evaluations used (each over all batches).
+    """
+
+    offsets: dict[str, Tensor]
+    losses: dict[str, Tensor]
+    curvatures: dict[str, float]
+    slopes: dict[str, float]
+    loss: float
+    num_forward: int
+
+    def quadratic_model(self, direction: str) -> Tensor:
+        """``L(θ) + slope·t + ½ curvature·t²`` at this direction's offsets."""
+        t = self.offsets[direction].to(torch.float64)
+        return self.loss + self.slopes[direction] * t + 0.5 * self.curvatures[direction] * t**2
+
+
+@dataclass
 class BlockReport:
     """Curvature of one diagonal block of the Hessian.
 
@@ -183,6 +259,12 @@ class BlockReport:
         seconds: Wall time spent on this block.
         ritz_vectors: ``[n, r]`` top Ritz vectors kept for a warm start of the next evaluation
             (``krylov="shared"`` with ``keep_vectors > 0``), else ``None``.
+        stability: The optimizer's distance from its edge of stability on this block, or ``None``.
+        gradient_geometry: Gradient alignment, curvature along the gradient and batch sharpness, or
+            ``None``.
+        eigenvector_overlap: ``||V_prevᵀ V_now||_F² / k`` against the previous evaluation's top-``k``
+            eigenvectors, in ``[0, 1]``, or ``None`` (first evaluation, or the vectors were dropped).
+        landscape: The loss along the top eigenvectors and the gradient, or ``None``.
     """
 
     name: str
@@ -196,6 +278,10 @@ class BlockReport:
     num_matvecs: int = 0
     seconds: float = 0.0
     ritz_vectors: Tensor | None = None
+    stability: StabilityResult | None = None
+    gradient_geometry: GradientGeometry | None = None
+    eigenvector_overlap: float | None = None
+    landscape: Landscape | None = None
 
 
 @dataclass
@@ -240,7 +326,11 @@ class HessianReport:
             ``{prefix}/B/trace`` and ``{prefix}/B/trace_stderr`` (its standard error, ``0.0`` when
             exact), ``{prefix}/B/eigenvalue_1`` ... ``eigenvalue_k``, ``{prefix}/B/eigenvalue_min``,
             and ``{prefix}/B/eigenvalues_converged``: the fraction of those eigenvalues (top-k and the
-            smallest) whose residual met the tolerance, ``1.0`` for a dense (exact) block.
+            smallest) whose residual met the tolerance, ``1.0`` for a dense (exact) block; then the
+            training dynamics: ``{prefix}/B/stability``, ``{prefix}/B/preconditioned_eigenvalue_1``
+            (adaptive optimizers), ``{prefix}/B/gradient_alignment`` (with eigenvectors),
+            ``{prefix}/B/gradient_curvature``, ``{prefix}/B/batch_sharpness`` and
+            ``{prefix}/B/eigenvector_overlap``.
 
         Example:
             >>> import torch
@@ -267,6 +357,7 @@ class HessianReport:
             if flags:
                 converged = 1.0 if block.method == "dense" else sum(flags) / len(flags)
                 out[f"{prefix}/{name}/eigenvalues_converged"] = float(converged)
+            out.update(_dynamics_scalars(f"{prefix}/{name}", block))
         return out
 
     # ------------------------------------------------------------------------------ saved form
@@ -400,7 +491,34 @@ class HessianReport:
         return cls.from_dict(data)
 
 
-RESULT_CLASSES = (EigenResult, TraceResult, SpectralDensity, BlockReport, HessianReport)
+def _dynamics_scalars(prefix: str, block: BlockReport) -> dict[str, float]:
+    """The training-dynamics scalars of one block, for the quantities it has."""
+    out: dict[str, float] = {}
+    if block.stability is not None:
+        out[f"{prefix}/stability"] = float(block.stability.value)
+        if block.stability.adaptive:
+            out[f"{prefix}/preconditioned_eigenvalue_1"] = float(block.stability.eigenvalue)
+    geometry = block.gradient_geometry
+    if geometry is not None:
+        if geometry.alignment is not None:
+            out[f"{prefix}/gradient_alignment"] = float(geometry.alignment)
+        out[f"{prefix}/gradient_curvature"] = float(geometry.curvature)
+        out[f"{prefix}/batch_sharpness"] = float(geometry.batch_sharpness)
+    if block.eigenvector_overlap is not None:
+        out[f"{prefix}/eigenvector_overlap"] = float(block.eigenvector_overlap)
+    return out
+
+
+RESULT_CLASSES = (
+    EigenResult,
+    TraceResult,
+    SpectralDensity,
+    StabilityResult,
+    GradientGeometry,
+    Landscape,
+    BlockReport,
+    HessianReport,
+)
 
 
 def _report_classes_allowed() -> contextlib.AbstractContextManager[Any]:

@@ -73,12 +73,15 @@ class AnalysisSettings:
     reduction: str = "mean"
     krylov: str = "separate"
     keep_vectors: int = 0
+    gradient_geometry: bool = False
+    landscape: bool = False
+    landscape_points: int = 21
 
     def __post_init__(self) -> None:
         check_patterns("params", self.params)
         check_blocks(self.blocks)
         check_int("top_k", self.top_k, 0, "Pass e.g. top_k=3 (0 for no top eigenvalues).")
-        for flag in ("min_eigenvalue", "trace", "density", "eigenvectors"):
+        for flag in ("min_eigenvalue", "trace", "density", "eigenvectors", "gradient_geometry", "landscape"):
             check_bool(flag, getattr(self, flag))
         check_choice("method", self.method, ANALYSIS_METHODS)
         check_int(
@@ -100,6 +103,9 @@ class AnalysisSettings:
         check_choice("krylov", self.krylov, KRYLOV_MODES)
         check_int(
             "keep_vectors", self.keep_vectors, 0, "It is the number of Ritz vectors kept for a warm start."
+        )
+        check_int(
+            "landscape_points", self.landscape_points, 3, "Use at least 3 points per direction, e.g. 21."
         )
 
     @classmethod

@@ -39,41 +39,16 @@ threshold 2), an approximation for the coupled modes.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .lanczos import eigenvalues
+from .results import EigenResult, StabilityResult
 
 #: The optimizers whose edge of stability is derived above.
 SUPPORTED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
-
-
-@dataclass
-class StabilityResult:
-    """How far the frozen optimizer is from diverging on the local quadratic model.
-
-    Attributes:
-        value: ``eigenvalue / threshold``: above 1 the frozen optimizer diverges.
-        eigenvalue: The largest eigenvalue of ``D^½ (H + W) D^½`` (``D`` the step sizes, ``W`` the
-            coupled weight decay): the "preconditioned sharpness" in units of steps.
-        threshold: That eigenvalue at the edge (2 for plain SGD, ``2 + 2β`` with momentum ``β``,
-            ``(2 + 2β1) / (1 - β1)`` for Adam).
-        optimizer: The optimizer's class name.
-        adaptive: Whether ``D`` comes from the optimizer's second-moment state.
-        converged: Whether the eigenvalue met its tolerance.
-        num_matvecs: Hessian-vector products used.
-    """
-
-    value: float
-    eigenvalue: float
-    threshold: float
-    optimizer: str
-    adaptive: bool
-    converged: bool
-    num_matvecs: int
 
 
 class _Rule:
@@ -130,7 +105,8 @@ def _rule(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: Tensor
     return _adagrad(group, state, param)
 
 
-def _unsupported_reason(optimizer: Any) -> str | None:
+def unsupported_reason(optimizer: Any) -> str | None:
+    """Why :func:`stability` gives no value for this optimizer (``None``: it does)."""
     name = type(optimizer).__name__
     if name not in SUPPORTED:
         return f"{name} is not one of {SUPPORTED}, whose edge of stability is derived"
@@ -197,6 +173,7 @@ def stability(
     tol: float = 1e-4,
     max_matvecs: int | None = None,
     seed: int = 0,
+    top: EigenResult | None = None,
 ) -> StabilityResult | None:
     """How far an optimizer, frozen at its current state, is from diverging on the local quadratic.
 
@@ -210,6 +187,9 @@ def stability(
         tol: Relative residual tolerance of the eigenvalue.
         max_matvecs: Product budget (default: that of :func:`lightning_hessian.eigenvalues`).
         seed: Seed of the Lanczos start vector.
+        top: The operator's top eigenvalue, if already computed (e.g. ``report.blocks[B].eigenvalues``):
+            where the optimizer applies one step size and one weight decay to every parameter of the
+            operator (SGD with one learning rate), the result is read from it without any product.
 
     Returns:
         A :class:`StabilityResult`, or ``None`` (with one warning saying why) for an optimizer whose
@@ -225,11 +205,23 @@ def stability(
             f"`optimizer` must be a torch.optim.Optimizer (the one that trains the model), got "
             f"{type(optimizer).__name__}."
         )
-    reason = _unsupported_reason(optimizer)
+    reason = unsupported_reason(optimizer)
     if reason is not None:
         warnings.warn(f"No stability value: {reason}.", UserWarning, stacklevel=2)
         return None
     step, decay, threshold = step_sizes(op, optimizer)
+    uniform = bool((step == step[0]).all() and (decay == decay[0]).all())
+    if uniform and top is not None and top.values.numel() and top.which == "largest":
+        eigenvalue = float(step[0]) * (float(top.values[0]) + float(decay[0]))
+        return StabilityResult(
+            value=eigenvalue / threshold,
+            eigenvalue=eigenvalue,
+            threshold=threshold,
+            optimizer=type(optimizer).__name__,
+            adaptive=type(optimizer).__name__ != "SGD",
+            converged=bool(top.converged.reshape(-1)[0]),
+            num_matvecs=0,
+        )
     result = eigenvalues(
         _Preconditioned(op, step.clamp_min(0).sqrt(), decay),
         1,

@@ -25,24 +25,31 @@ REQUIRED = "<required>"
 ALL = [
     "BlockReport",
     "EigenResult",
+    "GradientGeometry",  # added (training dynamics): gradient alignment, curvature, batch sharpness
     "HessianCallback",
     "HessianConvergenceWarning",
     "HessianOperator",
     "HessianReport",
     "HessianTooLargeError",
+    "Landscape",  # added (training dynamics): the loss along the top eigenvectors
     "MatrixOperator",
     "NonFiniteHessianError",
     "ParameterSpace",
     "SpectralDensity",
+    "StabilityResult",  # added (training dynamics): the optimizer's edge of stability
     "SymmetricOperator",
     "TraceResult",
     "analyze",
+    "eigenspace_overlap",  # added (training dynamics)
     "eigenvalues",
+    "gradient_geometry",  # added (training dynamics)
     "hessian",
     "infer_batch_size",
+    "loss_landscape",  # added (training dynamics)
     "resolve_blocks",
     "select_parameters",
     "spectral_density",
+    "stability",  # added (training dynamics)
     "trace",
 ]
 
@@ -98,8 +105,35 @@ SIGNATURES = {
         ("reduction", KW, "'mean'"),  # added: sum-reduced losses over several batches
         ("krylov", KW, "'separate'"),  # added: one shared Krylov space per block
         ("keep_vectors", KW, "0"),  # added: Ritz vectors kept for warm starts
+        ("gradient_geometry", KW, "False"),  # added (training dynamics)
+        ("landscape", KW, "False"),  # added (training dynamics)
+        ("landscape_points", KW, "21"),  # added (training dynamics)
+        ("optimizer", KW, "None"),  # added (training dynamics): each block's stability
         ("process_group", KW, "'auto'"),
         ("progress", KW, "None"),
+    ],
+    # Added with the training dynamics (issue 11).
+    "stability": [
+        ("op", POS, REQUIRED),
+        ("optimizer", POS, REQUIRED),
+        ("tol", KW, "0.0001"),
+        ("max_matvecs", KW, "None"),
+        ("seed", KW, "0"),
+        ("top", KW, "None"),
+    ],
+    "gradient_geometry": [
+        ("op", POS, REQUIRED),
+        ("eigenvectors", POS, "None"),
+    ],
+    "eigenspace_overlap": [
+        ("previous", POS, REQUIRED),
+        ("current", POS, REQUIRED),
+    ],
+    "loss_landscape": [
+        ("op", POS, REQUIRED),
+        ("directions", POS, REQUIRED),
+        ("num_points", KW, "21"),
+        ("radius", KW, "None"),
     ],
     "hessian": [
         ("model", POS, REQUIRED),
@@ -193,6 +227,10 @@ SIGNATURES = {
         ("batch_size_fn", POS, "None"),
         ("max_overhead", POS, "None"),  # added: the overhead budget
         ("warm_start", POS, "False"),  # added: start from the previous evaluation's Ritz vectors
+        ("stability", POS, "True"),  # added (training dynamics)
+        ("gradient_geometry", POS, "True"),  # added (training dynamics)
+        ("eigenvector_overlap", POS, "True"),  # added (training dynamics)
+        ("landscape", POS, "False"),  # added (training dynamics)
     ],
     "MatrixOperator.__init__": [
         ("matrix", POS, REQUIRED),
@@ -204,7 +242,13 @@ SIGNATURES = {
     "HessianOperator.restrict": [
         ("names", POS, REQUIRED),
     ],
-    "HessianOperator.loss": [],
+    "HessianOperator.loss": [
+        ("displacement", POS, "None"),  # added (training dynamics): the loss landscape
+    ],
+    "HessianOperator.gradient": [],  # added (training dynamics)
+    "HessianOperator.for_batch": [  # added (training dynamics): batch sharpness
+        ("index", POS, REQUIRED),
+    ],
     "HessianOperator.matvec": [
         ("vector", POS, REQUIRED),
     ],
@@ -291,6 +335,8 @@ HESSIAN_OPERATOR_METHODS = [
     "agreed_all_reduce",
     "block_products",
     "chunk_columns",  # added by the restructuring: the dense path's chunk width, public instead of private
+    "for_batch",  # added (training dynamics): one batch's Hessian, for the batch sharpness
+    "gradient",  # added (training dynamics)
     "loss",
     "matmat",
     "matvec",
@@ -353,6 +399,7 @@ def test_other_class_members_are_pinned():
     # The analysis settings were instance attributes and are now read-only views of `settings`.
     settings = ["blocks", "dense_limit", "density", "dtype", "method", "min_eigenvalue", "mode", "params"]
     settings += ["seed", "top_k", "trace"]
+    settings += ["gradient_geometry", "landscape"]  # added (training dynamics)
     assert own == sorted(
         ["batches", "batches_fingerprint", "load_state_dict", "state_dict", "state_key", *settings]
     )
@@ -407,6 +454,35 @@ RESULT_FIELDS = {
         ("num_matvecs", "0"),
         ("seconds", "0.0"),
         ("ritz_vectors", "None"),  # added: warm starts of the shared Krylov space
+        ("stability", "None"),  # added (training dynamics)
+        ("gradient_geometry", "None"),  # added (training dynamics)
+        ("eigenvector_overlap", "None"),  # added (training dynamics)
+        ("landscape", "None"),  # added (training dynamics)
+    ],
+    "StabilityResult": [
+        ("value", REQUIRED),
+        ("eigenvalue", REQUIRED),
+        ("threshold", REQUIRED),
+        ("optimizer", REQUIRED),
+        ("adaptive", REQUIRED),
+        ("converged", REQUIRED),
+        ("num_matvecs", REQUIRED),
+    ],
+    "GradientGeometry": [
+        ("gradient_norm", REQUIRED),
+        ("alignment", REQUIRED),
+        ("curvature", REQUIRED),
+        ("batch_sharpness", REQUIRED),
+        ("num_batches", REQUIRED),
+        ("num_matvecs", REQUIRED),
+    ],
+    "Landscape": [
+        ("offsets", REQUIRED),
+        ("losses", REQUIRED),
+        ("curvatures", REQUIRED),
+        ("slopes", REQUIRED),
+        ("loss", REQUIRED),
+        ("num_forward", REQUIRED),
     ],
     "HessianReport": [
         ("blocks", "<factory dict>"),
@@ -441,6 +517,9 @@ RESULT_METHODS = {
     "TraceResult": [],
     "SpectralDensity": ["histogram", "mean", "pdf"],
     "BlockReport": [],
+    "StabilityResult": [],
+    "GradientGeometry": [],
+    "Landscape": ["quadratic_model"],
     # from_dict, load, save and to_dict: added with the plain-data report files.
     "HessianReport": ["from_dict", "load", "non_finite", "save", "scalars", "to_dict"],
 }

@@ -64,6 +64,15 @@ def assert_same_report(a: HessianReport, b: HessianReport) -> None:
                     assert torch.equal(value, other) and value.dtype == other.dtype, (name, field, key)
                 else:
                     assert value == other, (name, field, key)
+        for field in ("stability", "gradient_geometry", "eigenvector_overlap"):
+            assert getattr(x, field) == getattr(y, field), (name, field)
+        assert (x.landscape is None) == (y.landscape is None), name
+        if x.landscape is not None:
+            assert x.landscape.curvatures == y.landscape.curvatures
+            assert x.landscape.slopes == y.landscape.slopes and x.landscape.loss == y.landscape.loss
+            for key in x.landscape.losses:
+                assert torch.equal(x.landscape.losses[key], y.landscape.losses[key]), key
+                assert torch.equal(x.landscape.offsets[key], y.landscape.offsets[key]), key
         if x.spectrum is None:
             assert y.spectrum is None
         else:
@@ -74,7 +83,8 @@ def test_a_saved_report_is_plain_data_that_loads_with_weights_only(tmp_path):
     report = sample_report()
     path = save_report(report, tmp_path / "sub" / "r.pt")
     data = torch.load(path, weights_only=True)  # the old format raised UnpicklingError here
-    assert (data["format"], data["version"]) == ("lightning_hessian.HessianReport", 1)
+    # Version 2 added the training-dynamics fields of BlockReport; version-1 files still load.
+    assert (data["format"], data["version"]) == ("lightning_hessian.HessianReport", 2)
     for where, value in _walk(data):
         assert isinstance(value, PLAIN), (where, type(value))
     assert_same_report(HessianReport.load(path), report)
@@ -93,6 +103,42 @@ def test_to_dict_moves_tensors_to_the_cpu_and_keeps_nan_and_dtypes():
     assert back.loss != back.loss  # NaN survives
     assert back.blocks["b"].density.nodes.dtype == torch.float64
     assert back.blocks["b"].density.num_probes == 2 and back.blocks["a"].trace.method == "exact"
+
+
+def _dynamics_report() -> HessianReport:
+    report = sample_report()
+    block = report.blocks["a"]
+    block.stability = lh.StabilityResult(0.9, 1.8, 2.0, "SGD", False, True, 0)
+    block.gradient_geometry = lh.GradientGeometry(0.5, 0.75, 1.25, 1.5, 4, 2.0)
+    block.eigenvector_overlap = 0.875
+    offsets = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    block.landscape = lh.Landscape(
+        {"v1": offsets}, {"v1": offsets**2}, {"v1": 2.0}, {"v1": 0.0}, loss=0.0, num_forward=5
+    )
+    return report
+
+
+def test_training_dynamics_fields_are_saved_as_plain_data(tmp_path):
+    report = _dynamics_report()
+    path = save_report(report, tmp_path / "r.pt")
+    for where, value in _walk(torch.load(path, weights_only=True)):
+        assert isinstance(value, PLAIN), (where, type(value))
+    loaded = HessianReport.load(path)
+    assert_same_report(loaded, report)
+    assert loaded.blocks["a"].landscape.quadratic_model("v1").tolist() == (
+        offsets := [1.0, 0.25, 0.0, 0.25, 1.0]
+    )
+    assert offsets == loaded.blocks["a"].landscape.losses["v1"].tolist()
+
+
+def test_a_version_1_file_without_the_dynamics_fields_still_loads(tmp_path):
+    data = sample_report().to_dict()
+    data["version"] = 1
+    for block in data["blocks"].values():
+        for field in ("stability", "gradient_geometry", "eigenvector_overlap", "landscape"):
+            del block[field]
+    torch.save(data, tmp_path / "v1.pt")
+    assert_same_report(HessianReport.load(tmp_path / "v1.pt"), sample_report())
 
 
 def test_the_callback_saves_reports_that_load_with_weights_only(tmp_path):

@@ -15,7 +15,8 @@ def test_the_settings_are_exactly_analyzes_keyword_arguments():
     keywords = [
         name
         for name, parameter in inspect.signature(lh.analyze).parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("process_group", "progress")
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        and name not in ("process_group", "progress", "optimizer")
     ]
     assert list(AnalysisSettings.names()) == keywords
     defaults = {n: inspect.signature(lh.analyze).parameters[n].default for n in keywords}
@@ -27,6 +28,7 @@ def test_the_callback_fills_the_same_settings():
         top_k=5, dtype="float64", analyze_kwargs={"trace_matvecs": 9, "hvp": "auto"}
     )
     monitoring = {"krylov": "shared", "tol": 1e-3}  # the callback's affordable defaults
+    monitoring["gradient_geometry"] = True  # the callback logs the training dynamics by default
     assert callback.settings == AnalysisSettings(top_k=5, dtype=torch.float64, trace_matvecs=9, **monitoring)
     assert callback.top_k == 5 and callback.dtype is torch.float64
 

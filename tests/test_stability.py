@@ -148,7 +148,10 @@ CASES: dict[str, tuple[Factory, float]] = {
         lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr, betas=(0.5, FROZEN), eps=0.3, amsgrad=True),
         6.0,
     ),
-    "adamw": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, FROZEN), weight_decay=0), 38.0),
+    "adamw": (
+        lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, FROZEN), weight_decay=0),
+        38.0,
+    ),
     "rmsprop": (lambda m, lr: torch.optim.RMSprop(m.parameters(), lr=lr, alpha=FROZEN), 2.0),
     "rmsprop-momentum-centered": (
         lambda m, lr: torch.optim.RMSprop(m.parameters(), lr=lr, alpha=FROZEN, momentum=0.5, centered=True),
@@ -179,7 +182,10 @@ def test_sgd_eigenvalue_is_learning_rate_times_sharpness() -> None:
 def test_adam_preconditioned_eigenvalue_matches_the_dense_computation() -> None:
     model = Quadratic(START).double()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-8)
-    model.first.grad, model.second.grad = torch.ones(3, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    model.first.grad, model.second.grad = (
+        torch.ones(3, dtype=torch.float64),
+        torch.ones(4, dtype=torch.float64),
+    )
     optimizer.step()  # a real step, so the state is PyTorch's own
     state = [optimizer.state[p] for p in (model.first, model.second)]
     v_hat = torch.cat([s["exp_avg_sq"] for s in state]) / (1 - 0.999**2)
@@ -233,7 +239,9 @@ def test_maximize_is_refused_with_its_reason() -> None:
     model = Quadratic(START).double()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        assert lh.stability(_operator(model), torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)) is None
+        assert (
+            lh.stability(_operator(model), torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)) is None
+        )
     assert "maximize=True" in str(record[0].message)
 
 

@@ -10,6 +10,7 @@ The module is a little over 350 lines because half of it documents the public me
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -258,26 +259,86 @@ class HessianOperator:
         """Free the cached first-order graphs (they are rebuilt on the next product if needed)."""
         self._graphs.release()
 
-    def loss(self) -> float:
+    def loss(self, displacement: Tensor | None = None) -> float:
         """The loss over all batches (and ranks) at the operator's parameters (see ``reduction``).
+
+        Args:
+            displacement: Optional ``[N]`` step: the loss is then taken at ``θ + displacement`` (a
+                forward pass per batch, under the same state and RNG guarantees as every product).
 
         Raises:
             NonFiniteHessianError: If it is NaN or infinite (on any rank).
+            ValueError: If ``displacement`` is not of shape ``[N]``.
         """
+        params = self._params
+        if displacement is not None:
+            if displacement.shape != (self.shape[0],):
+                raise ValueError(
+                    f"`displacement` must have shape [{self.shape[0]}], got {tuple(displacement.shape)}."
+                )
+            step = self.space.unflatten(displacement.to(device=self.device, dtype=self.dtype))
+            params = {n: p + step[n] for n, p in self._params.items()}
 
         def local() -> Tensor:
             total = torch.zeros(1, dtype=torch.float64, device=self.device)
             for i in range(self.num_batches):
-                graph = self._graphs.kept(i)
+                graph = self._graphs.kept(i) if displacement is None else None
                 if graph is None:
                     with self.closure.context(), torch.no_grad():
-                        value = self.closure.batch_loss(self._params, i)
+                        value = self.closure.batch_loss(params, i)
                 else:
                     value = graph.loss
                 total += float(value) * self.closure.weight(i, self.num_samples)
             return total
 
         return float(self.agreed_all_reduce(local, (1,), torch.float64, "The loss"))
+
+    def gradient(self) -> Tensor:
+        """The gradient ``[N]`` of the loss over all batches (and ranks) at the operator's parameters.
+
+        Read from the cached first-order graphs where they are kept, else one backward per batch.
+
+        Raises:
+            NonFiniteHessianError: If it is NaN or infinite (on any rank).
+
+        Example:
+            >>> g = op.gradient()
+            >>> curvature = float(g @ (op @ g)) / float(g @ g)  # doctest: +SKIP
+        """
+
+        def local() -> Tensor:
+            if not all(self._graphs.kept(i) is not None for i in range(self.num_batches)):
+                return self._kernels.gradient(self._params)
+            total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+            for i in range(self.num_batches):
+                graph = self._graphs.kept(i)
+                flat = [
+                    torch.zeros_like(leaf).reshape(-1) if g is None else g.detach().reshape(-1)
+                    for leaf, g in zip(graph.leaves, graph.grads, strict=True)
+                ]
+                total += self.closure.weight(i, self.num_samples) * torch.cat(flat)
+            return total
+
+        return self.agreed_all_reduce(local, (self.shape[0],), what="The gradient")
+
+    def for_batch(self, index: int) -> HessianOperator:
+        """The Hessian of one local batch's loss alone, on this rank only (no reduction over ranks).
+
+        It shares this operator's parameters and settings; its products cost one batch's.
+
+        Args:
+            index: Local batch index, ``0 <= index < num_batches``.
+
+        Returns:
+            A :class:`HessianOperator` whose objective is batch ``index``'s (unweighted) loss.
+
+        Raises:
+            IndexError: If ``index`` is out of range.
+        """
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"Batch index {index} out of range for {self.num_batches} local batches.")
+        settings = dataclasses.replace(self._settings, process_group=None)
+        return HessianOperator._from_closure(self.closure.subset(index), self._params, settings, "auto")
 
     def __matmul__(self, other: Tensor) -> Tensor:
         """``H @ v`` for ``v`` of shape ``[N]``, or ``H @ V`` for ``V`` of shape ``[N, m]``.

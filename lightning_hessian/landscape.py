@@ -99,7 +99,9 @@ def loss_landscape(
     for name, unit in units.items():
         curvature = float(unit @ (op @ unit))
         half_width = radius if radius is not None else default_radius(loss, curvature)
-        steps = torch.linspace(-half_width, half_width, num_points, dtype=torch.float64)
+        steps = torch.linspace(-1.0, 1.0, num_points, dtype=torch.float64) * half_width
+        if num_points % 2:
+            steps[num_points // 2] = 0.0  # exactly: the centre is the loss already known
         values = []
         for t in steps.tolist():
             values.append(loss if t == 0 else _loss_or_nan(op, t * unit))

@@ -69,10 +69,17 @@ def test_ddp_logs_the_curvature_of_the_union_of_both_ranks_batches(tmp_path: Pat
     module = ddp_scenarios.make_module()
     module.load_state_dict(rank0["state_dict"])
     settings = lh.HessianCallback(**ddp_scenarios.callback_kwargs()).settings  # the callback's own
-    report = analyze_with(module, None, ddp_scenarios.union(), settings, process_group=None)
+    optimizer = module.configure_optimizers()  # plain SGD: its step sizes need no state
+    report = analyze_with(
+        module, None, ddp_scenarios.union(), settings, process_group=None, optimizer=optimizer
+    )
     expected = {k: v for k, v in scalar_metrics(report).items() if k != "hessian/seconds"}
     assert report.num_samples == 2 * ddp_scenarios.HALF
     assert {"hessian/net.0/eigenvalue_1", "hessian/net.2/trace"} <= set(expected)
+    # The training dynamics agree too: batch sharpness over every rank's batches, the gradient and
+    # its products all-reduced.
+    dynamics = ("stability", "gradient_alignment", "gradient_curvature", "batch_sharpness")
+    assert {f"hessian/net.0/{name}" for name in dynamics} <= set(expected)
 
     for result in results:
         assert [entry["ok"] for entry in result["history"]] == [True]

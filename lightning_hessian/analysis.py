@@ -267,7 +267,7 @@ def analyze(
         trace_matvecs: Products per stochastic trace.
         density_probes: Random probes of the density.
         density_steps: Block Lanczos steps of the density (``density_probes`` products each).
-        eigenvectors: Also return the top eigenvectors (iterative blocks).
+        eigenvectors: Also return the top eigenvectors (in ``eigenvalues.vectors``).
         hvp: Hessian-vector product method (see :class:`HessianOperator`).
         reduction: ``"mean"``: the size-weighted mean of batch losses; ``"sum"``: their plain sum (for a
             ``loss_fn`` with ``reduction="sum"``).

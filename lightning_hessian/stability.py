@@ -213,30 +213,17 @@ def stability(
     uniform = bool((step == step[0]).all() and (decay == decay[0]).all())
     if uniform and top is not None and top.values.numel() and top.which == "largest":
         eigenvalue = float(step[0]) * (float(top.values[0]) + float(decay[0]))
-        return StabilityResult(
-            value=eigenvalue / threshold,
-            eigenvalue=eigenvalue,
-            threshold=threshold,
-            optimizer=type(optimizer).__name__,
-            adaptive=type(optimizer).__name__ != "SGD",
-            converged=bool(top.converged.reshape(-1)[0]),
-            num_matvecs=0,
-        )
-    result = eigenvalues(
-        _Preconditioned(op, step.clamp_min(0).sqrt(), decay),
-        1,
-        "largest",
-        tol=tol,
-        max_matvecs=max_matvecs,
-        seed=seed,
-    )
-    eigenvalue = float(result.values[0])
+        converged, matvecs = bool(top.converged.reshape(-1)[0]), 0
+    else:
+        preconditioned = _Preconditioned(op, step.clamp_min(0).sqrt(), decay)
+        result = eigenvalues(preconditioned, 1, "largest", tol=tol, max_matvecs=max_matvecs, seed=seed)
+        eigenvalue, converged, matvecs = float(result.values[0]), result.all_converged, result.num_matvecs
     return StabilityResult(
         value=eigenvalue / threshold,
         eigenvalue=eigenvalue,
         threshold=threshold,
         optimizer=type(optimizer).__name__,
         adaptive=type(optimizer).__name__ != "SGD",
-        converged=bool(result.converged.all()),
-        num_matvecs=result.num_matvecs,
+        converged=converged,
+        num_matvecs=matvecs,
     )

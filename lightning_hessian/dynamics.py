@@ -38,7 +38,7 @@ def block_dynamics(
     settings: AnalysisSettings,
     optimizer: Any = None,
     previous: Tensor | None = None,
-) -> None:
+) -> float:
     """Fill the block's training-dynamics fields (in place) for the quantities asked for.
 
     Args:
@@ -48,7 +48,11 @@ def block_dynamics(
         settings: The analysis settings.
         optimizer: The optimizer whose stability is measured, or ``None``.
         previous: The previous evaluation's top eigenvectors of this block, or ``None``.
+
+    Returns:
+        The Hessian-vector products spent (also added to ``block.num_matvecs``).
     """
+    before = block.num_matvecs
     top = block.eigenvalues
     vectors = top.vectors if top is not None else None
     if optimizer is not None:
@@ -67,3 +71,4 @@ def block_dynamics(
             directions["gradient"] = gradient
         block.landscape = loss_landscape(op, directions, num_points=settings.landscape_points)
         block.num_matvecs += len(directions)
+    return block.num_matvecs - before

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_hessian as lh
-from tests.helpers import cross_entropy_loss, tiny
+from tests.helpers import cross_entropy_loss, tiny, zoo
 
 FAST = {"hvp": "reverse-over-reverse"}
 
@@ -316,3 +316,27 @@ def test_shared_krylov_blocks_match_the_exact_spectrum_with_fewer_products():
     torch.testing.assert_close(
         warm.blocks["model"].eigenvalues.values, block.eigenvalues.values, rtol=0, atol=2e-6 * scale
     )
+
+
+def test_the_training_dynamics_products_are_counted_in_the_block_and_the_report():
+    model, loss_fn, data, _ = zoo("mlp")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    plain = lh.analyze(model, loss_fn, data, method="iterative", density=False, trace=False)
+    report = lh.analyze(
+        model,
+        loss_fn,
+        data,
+        method="iterative",
+        density=False,
+        trace=False,
+        gradient_geometry=True,
+        optimizer=optimizer,
+    )
+    block = report.blocks["model"]
+    extra = block.gradient_geometry.num_matvecs + block.stability.num_matvecs
+    assert block.stability.adaptive and block.stability.num_matvecs > 0  # its own Lanczos search
+    assert block.num_matvecs == plain.blocks["model"].num_matvecs + extra
+    assert report.num_matvecs == block.num_matvecs

@@ -321,8 +321,9 @@ def test_shared_krylov_blocks_match_the_exact_spectrum_with_fewer_products():
 def test_the_training_dynamics_products_are_counted_in_the_block_and_the_report():
     model, loss_fn, data, _ = zoo("mlp")
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for param in model.parameters():
-        param.grad = torch.ones_like(param)
+    generator = torch.Generator().manual_seed(0)
+    for param in model.parameters():  # uneven second moments: step sizes differ per parameter
+        param.grad = torch.randn(param.shape, generator=generator)
     optimizer.step()
     plain = lh.analyze(model, loss_fn, data, method="iterative", density=False, trace=False)
     report = lh.analyze(

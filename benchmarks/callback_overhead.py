@@ -275,7 +275,11 @@ def affordable(args: argparse.Namespace) -> None:
         old_counts.append(old_report.num_matvecs)
         old_accuracy.append(_accuracy(old_report, exact))
         new_accuracy.append(_accuracy(analyze_with(model, None, batches, new_cold), exact))
-    top_only = dataclasses.replace(hessian.settings, min_eigenvalue=False, density=False, trace=False)
+    top_k = hessian.settings.top_k  # its top Ritz vectors are kept, as with HessianCallback(warm_start=True)
+    top_only = dataclasses.replace(
+        hessian.settings, min_eigenvalue=False, density=False, trace=False, keep_vectors=top_k
+    )
+    overlaps = [h["hessian/model/eigenvector_overlap"] for h in hessian.history if h.get("ok")][1:]
     cold, warm, previous = [], [], None
     for state in snapshots.states:
         model = _model_at(state)
@@ -339,7 +343,8 @@ def affordable(args: argparse.Namespace) -> None:
         f"\nWarm starts (top-k only, tol={hessian.settings.tol:g}, evaluations 2..{evaluations}): cold "
         f"{statistics.mean(cold):.1f} products, warm {statistics.mean(warm):.1f}, ratio "
         f"{statistics.mean(warm) / statistics.mean(cold):.2f}x (per evaluation: "
-        f"{', '.join(f'{w}/{c}' for w, c in zip(warm, cold, strict=True))})"
+        f"{', '.join(f'{w}/{c}' for w, c in zip(warm, cold, strict=True))}); top-3 eigenspace overlap "
+        f"between consecutive evaluations {statistics.mean(overlaps):.2f} (mean; 1 = unmoved)"
     )
     print(
         f"Budget max_overhead=0.1: {len([h for h in budgeted.history if h.get('ok')])} of {evaluations} "

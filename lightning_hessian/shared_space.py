@@ -187,7 +187,8 @@ def shared_space_estimates(
         density: Return the block quadrature density.
         trace: Return the Krylov-aware trace (``trace_probes`` more products).
         tol: Convergence: residual at most ``tol`` times the spectral scale (``max |θ|``).
-        num_probes: Random probes of the start block (the density's probes).
+        num_probes: Random probes of the start block (the density's probes); one beside
+            ``start_vectors`` when no density is wanted (NOTE [Warm start without density]).
         min_steps: Fewest steps (the density's resolution grows with the steps).
         max_steps: Most steps.
         trace_probes: Hutchinson probes of the deflated remainder.
@@ -225,6 +226,12 @@ def shared_space_estimates(
         raise ValueError(f"`start_vectors` must be [N={n}, w], got {tuple(start_vectors.shape)}.")
     generator = make_generator(op.device, seed)
     dtype = op.dtype if op.dtype.is_floating_point else torch.float32
+    if start_vectors is not None and not density:
+        # NOTE [Warm start without density]: only the density needs several random probes (its
+        # quadrature averages over them); the eigenvalues and the Krylov-aware trace (exact on the
+        # space, Hutchinson on the rest) hold for any start block. Warm vectors then need one fresh
+        # random direction beside them, so that a new eigenvalue entering the top is still found.
+        num_probes = 1
     probes = rademacher(n, num_probes, generator, dtype, op.device)
     start = probes if start_vectors is None else torch.cat([probes, start_vectors.to(probes)], dim=1)
     block = start.shape[1]

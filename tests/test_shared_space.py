@@ -93,17 +93,23 @@ def test_krylov_aware_trace_is_unbiased_and_its_stderr_calibrated():
     assert 0.6 < math.sqrt(float((z**2).mean())) < 1.5  # the standard error is the error's scale
 
 
-def test_warm_and_cold_starts_agree_within_the_tolerance():
+@pytest.mark.parametrize("density", [True, False])  # without density: one random probe beside them
+def test_warm_and_cold_starts_agree_within_the_tolerance(density):
     matrix, values = hessian_like()
     op = MatrixOperator(matrix)
-    cold = shared_space_estimates(op, top_k=3, tol=1e-6, max_steps=60, seed=0, keep_vectors=3)
-    warm = shared_space_estimates(op, top_k=3, tol=1e-6, max_steps=60, seed=1, start_vectors=cold.vectors)
+    cold = shared_space_estimates(
+        op, top_k=3, tol=1e-6, max_steps=60, seed=0, keep_vectors=3, density=density
+    )
+    warm = shared_space_estimates(
+        op, top_k=3, tol=1e-6, max_steps=60, seed=1, start_vectors=cold.vectors, density=density
+    )
     scale = float(values.abs().max())
     torch.testing.assert_close(warm.eigenvalues.values, cold.eigenvalues.values, rtol=0, atol=2e-6 * scale)
     assert warm.num_steps <= cold.num_steps
 
 
-def test_a_new_eigenvalue_that_overtakes_the_previous_top_is_found_with_a_warm_start():
+@pytest.mark.parametrize("density", [True, False])
+def test_a_new_eigenvalue_that_overtakes_the_previous_top_is_found_with_a_warm_start(density):
     matrix, values = hessian_like()
     before = shared_space_estimates(
         MatrixOperator(matrix), top_k=3, tol=1e-6, max_steps=60, seed=0, keep_vectors=3
@@ -117,7 +123,7 @@ def test_a_new_eigenvalue_that_overtakes_the_previous_top_is_found_with_a_warm_s
     changed = matrix + 20.0 * torch.outer(u, u)
     exact = torch.linalg.eigvalsh(changed).flip(0)[:3]
     after = shared_space_estimates(
-        MatrixOperator(changed), top_k=3, tol=1e-6, max_steps=60, seed=1, start_vectors=v
+        MatrixOperator(changed), top_k=3, tol=1e-6, max_steps=60, seed=1, start_vectors=v, density=density
     )
     torch.testing.assert_close(after.eigenvalues.values, exact, rtol=0, atol=1e-5 * float(exact[0]))
 

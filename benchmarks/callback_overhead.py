@@ -279,7 +279,8 @@ def affordable(args: argparse.Namespace) -> None:
     top_only = dataclasses.replace(
         hessian.settings, min_eigenvalue=False, density=False, trace=False, keep_vectors=top_k
     )
-    overlaps = [h["hessian/model/eigenvector_overlap"] for h in hessian.history if h.get("ok")][1:]
+    overlaps = [h.get("hessian/model/eigenvector_overlap") for h in hessian.history if h.get("ok")]
+    overlaps = [value for value in overlaps if value is not None]  # none at the first evaluation
     cold, warm, previous = [], [], None
     for state in snapshots.states:
         model = _model_at(state)

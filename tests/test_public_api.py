@@ -595,3 +595,29 @@ def test_scalars_of_a_small_hand_built_report():
         "h/fc/eigenvalue_min",
         "h/fc/eigenvalues_converged",
     ]
+
+
+def test_training_dynamics_names_follow_the_contract():
+    """Added with the training dynamics: after a block's eigenvalue names, in this order, each only
+    when measured (``preconditioned_eigenvalue_1`` for adaptive optimizers only)."""
+    report = sample_report()
+    block = report.blocks["b"]
+    block.stability = lh.StabilityResult(0.5, 19.0, 38.0, "Adam", True, True, 12)
+    block.gradient_geometry = lh.GradientGeometry(1.0, 0.25, 2.0, 3.0, 4, 2.0)
+    block.eigenvector_overlap = 0.75
+    assert list(report.scalars().items())[-8:] == [
+        ("hessian/b/eigenvalue_1", 3.0),
+        ("hessian/b/eigenvalues_converged", 1.0),
+        ("hessian/b/stability", 0.5),
+        ("hessian/b/preconditioned_eigenvalue_1", 19.0),
+        ("hessian/b/gradient_alignment", 0.25),
+        ("hessian/b/gradient_curvature", 2.0),
+        ("hessian/b/batch_sharpness", 3.0),
+        ("hessian/b/eigenvector_overlap", 0.75),
+    ]
+    block.stability = lh.StabilityResult(0.5, 1.0, 2.0, "SGD", False, True, 0)
+    block.gradient_geometry.alignment = None  # no eigenvectors: no alignment
+    names = list(report.scalars())
+    assert (
+        "hessian/b/preconditioned_eigenvalue_1" not in names and "hessian/b/gradient_alignment" not in names
+    )

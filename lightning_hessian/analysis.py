@@ -419,7 +419,6 @@ def analyze_with(
             "can be computed there."
         )
     single = len(groups) == 1
-    dynamics_products = 0.0  # the training dynamics' own products, outside the progress tracker
     for name, names in groups.items():
         block_start = time.perf_counter()
         block_op = op if single else op.restrict(names)
@@ -443,7 +442,9 @@ def analyze_with(
                 block = _iterative_block(name, counting, settings, shared_trace)
         if block.method != "zero":
             previous = (previous_vectors or {}).get(name)
-            dynamics_products += block_dynamics(block, block_op, settings, optimizer, previous)
+            spent = int(round(block_dynamics(block, block_op, settings, optimizer, previous)))
+            if spent:
+                tracker.advance(spent)
         if not single:
             block_op.release_graphs()
         block.seconds = time.perf_counter() - block_start
@@ -465,7 +466,7 @@ def analyze_with(
             report.blocks[name].seconds += share_seconds
     for block in report.blocks.values():
         block.num_matvecs = int(round(block.num_matvecs))
-    report.num_matvecs = tracker.done + int(round(dynamics_products))
+    report.num_matvecs = tracker.done
     report.seconds = time.perf_counter() - started
     return report
 

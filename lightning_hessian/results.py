@@ -183,6 +183,10 @@ class BlockReport:
         seconds: Wall time spent on this block.
         ritz_vectors: ``[n, r]`` top Ritz vectors kept for a warm start of the next evaluation
             (``krylov="shared"`` with ``keep_vectors > 0``), else ``None``.
+        hvp: The Hessian-vector product method the block's products used: ``"reverse-over-reverse"``
+            or ``"forward-over-reverse"`` (exact), ``"finite-difference"`` or
+            ``"finite-difference-richardson"`` (gradient differences, a few digits less); ``None``
+            for a ``"zero"`` block (no products).
     """
 
     name: str
@@ -196,6 +200,7 @@ class BlockReport:
     num_matvecs: int = 0
     seconds: float = 0.0
     ritz_vectors: Tensor | None = None
+    hvp: str | None = None
 
 
 @dataclass

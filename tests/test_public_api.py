@@ -407,6 +407,7 @@ RESULT_FIELDS = {
         ("num_matvecs", "0"),
         ("seconds", "0.0"),
         ("ritz_vectors", "None"),  # added: warm starts of the shared Krylov space
+        ("hvp", "None"),  # added: the product method the block used (exact or gradient differences)
     ],
     "HessianReport": [
         ("blocks", "<factory dict>"),

@@ -1,11 +1,15 @@
-"""Exact Hessian-vector product kernels, and gradients for finite-difference checks.
+"""Hessian-vector product kernels: the exact ones, and gradient differences.
 
-Both kernels compute this rank's weighted sum over batches of ``H_b @ v`` (Pearlmutter's trick):
+Every kernel computes this rank's weighted sum over batches of ``H_b @ v``. The exact ones use
+Pearlmutter's trick:
 
 - ``"reverse-over-reverse"``: differentiate each batch's cached gradient once more with
   ``grad_outputs=v``; many vectors at once through ``is_grads_batched`` (vmap over the backward).
 - ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; many vectors at once through
   ``torch.func.vmap``.
+
+``"finite-difference"`` and ``"finite-difference-richardson"`` difference two (four) plain gradients
+instead (:mod:`.differences`); their "batched" form is a loop over the vectors.
 
 Vectors may live on a subset of the parameters (``support``) and only some entries of the product
 may be wanted (``targets``): autograd then skips every layer that neither touches, which the dense
@@ -14,8 +18,8 @@ path uses to compute one triangle of the matrix.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -23,11 +27,20 @@ from torch import Tensor
 from ..closure import LossClosure
 from ..parameters import ParameterSpace
 from ..state import differentiable_context
+from .differences import (
+    DIFFERENCE_METHODS,
+    FINITE_DIFFERENCE,
+    RICHARDSON,
+    difference_step,
+    parameter_length,
+)
 from .graphs import GraphCache
 
 REVERSE = "reverse-over-reverse"
 FORWARD = "forward-over-reverse"
-METHODS = (REVERSE, FORWARD)
+#: The exact methods, which ``hvp="auto"`` times and chooses from.
+EXACT_METHODS = (REVERSE, FORWARD)
+METHODS = EXACT_METHODS + DIFFERENCE_METHODS
 
 
 class ProductKernels:
@@ -54,6 +67,7 @@ class ProductKernels:
         self.num_samples = num_samples
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
+        self._lengths: dict[tuple[str, ...], float] = {}
 
     def products(
         self,
@@ -63,6 +77,7 @@ class ProductKernels:
         support: tuple[str, ...] | None = None,
         targets: tuple[str, ...] | None = None,
         out: Tensor | None = None,
+        step_factor: float = 1.0,
     ) -> Tensor:
         """Local weighted sum over batches of ``H_b @ rows[j]`` for each row ``j``.
 
@@ -71,11 +86,13 @@ class ProductKernels:
 
         Args:
             rows: ``[m, N_support]`` vectors over the ``support`` parameters.
-            method: ``"reverse-over-reverse"`` or ``"forward-over-reverse"``.
-            batched: All rows in one batched call (else ``m`` must be 1).
+            method: One of :data:`METHODS`.
+            batched: All rows in one batched call (else ``m`` must be 1); gradient differences loop.
             support: Parameter names the vectors live on (default all).
             targets: Parameter names whose product entries are wanted (default all).
             out: ``[m, N_targets]`` destination (any strides); default a new tensor.
+            step_factor: Gradient differences only: a multiple of their step (the referee's second
+                opinion uses a quarter of it).
 
         Returns:
             ``[m, N_targets]`` (``out`` when given).
@@ -88,7 +105,10 @@ class ProductKernels:
         if out is None:
             out = torch.empty(m, target_space.numel, dtype=self.dtype, device=self.device)
         columns = [out[:, piece] for piece in target_space.slices().values()]
-        product = self._reverse if method == REVERSE else self._forward
+        if method in DIFFERENCE_METHODS:
+            product = partial(self._difference, method=method, step_factor=step_factor)
+        else:
+            product = self._reverse if method == REVERSE else self._forward
         for i in range(len(self.closure.batches)):
             weight = self.closure.weight(i, self.num_samples)
             pieces = product(i, tangents, batched, target_space.names)
@@ -179,30 +199,78 @@ class ProductKernels:
             total += self.closure.weight(i, self.num_samples) * torch.cat([g.reshape(-1) for g in grads])
         return total
 
-    def finite_difference(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> Tensor:
-        """Central differences of the gradient along each row: an independent referee for the kernels.
+    def _difference(
+        self,
+        index: int,
+        tangents: dict[str, Tensor],
+        batched: bool,
+        targets: tuple[str, ...],
+        *,
+        method: str = FINITE_DIFFERENCE,
+        step_factor: float = 1.0,
+    ) -> list[Tensor]:
+        """Batch ``index``'s gradient differences along each tangent (NOTE [Step of gradient differences]).
 
-        The step is ``sqrt(eps) * max(1, max |θ|)`` along the unit row, the usual balance between
-        truncation (``O(step²)``) and rounding (``O(eps / step)``) errors.
-
-        Args:
-            rows: ``[m, N_support]`` directions.
-            support: Parameter names the rows live on.
-            targets: Parameter names whose product entries are wanted.
-
-        Returns:
-            ``[m, N_targets]`` approximate products.
+        The step along ``d`` is ``difference_step(...) / ||d||`` (so that ``||h d||`` is the step of a
+        unit direction), ``L`` being ``1 + ||θ||`` over the support; a zero tangent gives zeros.
         """
-        out = []
-        support_space, target_space = self.space.subspace(support), self.space.subspace(targets)
-        eps = math.sqrt(torch.finfo(self.dtype).eps) * max(
-            1.0, max(float(p.abs().max()) for p in self.params.values())
+        support = tuple(tangents)
+        if support not in self._lengths:
+            self._lengths[support] = parameter_length([self.params[n] for n in support])
+        base = difference_step(self.dtype, self._lengths[support], method) * step_factor
+        m = next(iter(tangents.values())).shape[0]
+        norms = torch.stack([t.reshape(m, -1).norm(dim=1) for t in tangents.values()]).norm(dim=0)
+        columns: list[list[Tensor]] = [[] for _ in targets]
+        with self.closure.context(second_order=False):
+            fixed = self.closure.buffers()
+            for j, norm in enumerate(norms.tolist()):
+                direction = {n: t[j] for n, t in tangents.items()}
+                if norm == 0.0:
+                    pieces = [torch.zeros_like(self.params[n]) for n in targets]
+                elif method == RICHARDSON:
+                    coarse = self._central(index, direction, base / norm, targets, fixed)
+                    fine = self._central(index, direction, base / (2 * norm), targets, fixed)
+                    pieces = [(4 * f - c) / 3 for f, c in zip(fine, coarse, strict=True)]
+                else:
+                    pieces = self._central(index, direction, base / norm, targets, fixed)
+                for column, piece in zip(columns, pieces, strict=True):
+                    column.append(piece)
+        return [torch.stack(column) for column in columns]
+
+    def _central(
+        self,
+        index: int,
+        direction: dict[str, Tensor],
+        step: float,
+        targets: tuple[str, ...],
+        fixed: Mapping[str, Tensor],
+    ) -> list[Tensor]:
+        """``(g(θ + step d) - g(θ - step d)) / (2 step)`` of batch ``index``, for the targets."""
+        plus = self._gradient_at(index, direction, step, targets, fixed)
+        minus = self._gradient_at(index, direction, -step, targets, fixed)
+        return [torch.sub(p, q).div_(2 * step) for p, q in zip(plus, minus, strict=True)]
+
+    def _gradient_at(
+        self,
+        index: int,
+        direction: dict[str, Tensor],
+        step: float,
+        targets: tuple[str, ...],
+        fixed: Mapping[str, Tensor],
+    ) -> list[Tensor]:
+        """Batch ``index``'s gradient w.r.t. the targets at ``θ + step d`` (call inside the context).
+
+        ``θ + step d`` are new tensors; the saved ``θ`` and the module are never written (NOTE
+        [Gradient differences leave the module alone]). Only the targets require grad, so autograd
+        stops at the first layer that holds one.
+        """
+        values = dict(self.params)
+        for name, d in direction.items():
+            values[name] = torch.add(self.params[name], d, alpha=step)
+        leaves = {n: values[n].detach().requires_grad_(True) for n in targets}
+        loss = self.closure.batch_loss({**values, **leaves}, index, fixed)
+        if not loss.requires_grad:  # the loss does not depend on the targets
+            return [torch.zeros_like(leaf) for leaf in leaves.values()]
+        return list(
+            torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
         )
-        for row in rows:
-            norm = float(row.norm()) or 1.0
-            step = support_space.unflatten(row / norm)
-            plus = {n: p + eps * step[n] if n in step else p for n, p in self.params.items()}
-            minus = {n: p - eps * step[n] if n in step else p for n, p in self.params.items()}
-            difference = self.gradient(plus) - self.gradient(minus)
-            out.append(target_space.flatten(self.space.unflatten(difference)) * (norm / (2 * eps)))
-        return torch.stack(out)

@@ -199,6 +199,46 @@ class ProductKernels:
             total += self.closure.weight(i, self.num_samples) * torch.cat([g.reshape(-1) for g in grads])
         return total
 
+    def gradients_along(
+        self, row: Tensor, support: tuple[str, ...], targets: tuple[str, ...], multiples: tuple[float, ...]
+    ) -> tuple[list[Tensor], float]:
+        """Weighted gradients ``[N_targets]`` at ``θ + k h d`` for each multiple ``k``, for the referee.
+
+        ``d`` is ``row`` over the support and ``h`` the central step along it (as the
+        ``"finite-difference"`` products take it); a multiple of 0 reads the gradient at ``θ`` from
+        the cached first-order graphs when every batch has one.
+
+        Args:
+            row: ``[N_support]`` direction (not zero).
+            support: Parameter names the direction lives on.
+            targets: Parameter names whose gradient entries are wanted.
+            multiples: The steps, as multiples of ``h``.
+
+        Returns:
+            The gradients, in the order of ``multiples``, and ``h`` (per unit of ``row``).
+        """
+        if support not in self._lengths:
+            self._lengths[support] = parameter_length([self.params[n] for n in support])
+        step = difference_step(self.dtype, self._lengths[support]) / float(row.norm())
+        direction = self.space.subspace(support).unflatten(row)
+        target_space = self.space.subspace(targets)
+        cached = [self.graphs.kept(i) for i in range(len(self.closure.batches))]
+        totals = [torch.zeros(target_space.numel, dtype=self.dtype, device=self.device) for _ in multiples]
+        with self.closure.context(second_order=False):
+            fixed = self.closure.buffers()
+            for i, graph in enumerate(cached):
+                weight = self.closure.weight(i, self.num_samples)
+                for total, multiple in zip(totals, multiples, strict=True):
+                    if multiple == 0 and graph is not None:
+                        kept = dict(zip(self.space.names, graph.grads, strict=True))
+                        pieces = [
+                            torch.zeros_like(self.params[n]) if kept[n] is None else kept[n] for n in targets
+                        ]
+                    else:
+                        pieces = self._gradient_at(i, direction, multiple * step, targets, fixed)
+                    total.add_(torch.cat([g.detach().reshape(-1) for g in pieces]), alpha=weight)
+        return totals, step
+
     def _difference(
         self,
         index: int,

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .differences import FINITE_DIFFERENCE
 from .kernels import ProductKernels
 
 #: How much further from the gradient differences than their own spread a product must be to be wrong.
 REFEREE_MARGIN = 10.0
 _SECOND_STEP = 0.25  # the second opinion's step, as a multiple of the first
 _USEFUL_SPREAD = 0.1  # differences that move more than this between two steps verify nothing
+_KINKED = 0.1  # a second difference this large against the first: kinks or noise, no verdict
 
 
 def relative_difference(a: Tensor, b: Tensor) -> float:
@@ -56,35 +56,42 @@ class Verdict:
     Attributes:
         wrong: The product is wrong (see NOTE [Referee verdicts]).
         difference: ``||product - D(h)|| / ||D(h)||``.
-        spread: The referee's relative spread between two steps, when it had to be measured (the
-            product did not agree at once), else ``None``.
+        kinks: The gradients' second difference against their first, when measured (the product did
+            not agree at once): near 0 on a smooth loss, near 1 across kinks or in rounding noise.
+        spread: The differences' relative change between two steps, when measured, else ``None``.
     """
 
     wrong: bool
     difference: float
+    kinks: float | None = None
     spread: float | None = None
 
     @property
     def verified(self) -> bool:
         """Whether the product agreed with a referee that could judge it (one whose spread is small)."""
-        if self.wrong or self.spread is None:
+        if self.wrong or self.kinks is None:
             return not self.wrong
-        return self.spread < _USEFUL_SPREAD and self.difference <= self.spread
+        return self.spread is not None and self.spread < _USEFUL_SPREAD and self.difference <= self.spread
 
     def describe(self) -> str:
         """One line for a warning or an error message."""
-        spread = "" if self.spread is None else f", whose own spread between two steps is {self.spread:.1e}"
-        return f"relative difference {self.difference:.2e} from gradient differences{spread}"
+        text = f"relative difference {self.difference:.2e} from gradient differences"
+        if self.spread is not None:
+            return f"{text}, whose own spread between two steps is {self.spread:.1e}"
+        if self.kinks is not None:
+            return f"{text}, which cross kinks or rounding noise here (second difference {self.kinks:.1e})"
+        return text
 
 
 class Referee:
     """Central gradient differences of one chunk of vectors, computed when first asked for.
 
     Args:
-        kernels: The product kernels (their gradient differences are the referee).
-        rows: ``[m, N_support]`` vectors.
+        kernels: The product kernels (their gradients are the referee's).
+        rows: ``[m, N_support]`` vectors; :meth:`judge` and :meth:`spread` look at the first.
         support: Parameter names the vectors live on.
         targets: Parameter names whose product entries are compared.
+        product: ``D(h)`` of the rows when already computed (``"finite-difference"`` products).
 
     Example:
         >>> referee = Referee(kernels, rows, support, targets)  # doctest: +SKIP
@@ -93,47 +100,100 @@ class Referee:
     """
 
     def __init__(
-        self, kernels: ProductKernels, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]
+        self,
+        kernels: ProductKernels,
+        rows: Tensor,
+        support: tuple[str, ...],
+        targets: tuple[str, ...],
+        product: Tensor | None = None,
     ) -> None:
         self.kernels, self.rows, self.support, self.targets = kernels, rows, support, targets
         self.seconds = math.nan  # per row, of the first difference
-        self._product: Tensor | None = None
-        self._second: Tensor | None = None
+        self._product = product
+        self._gradients: dict[float, Tensor] = {}  # of the first row, by multiple of the step
+        self._step = math.nan
 
     def product(self) -> Tensor:
-        """``D(h)`` of every row (two gradients each): the referee, and the fallback's product."""
+        """``D(h)`` of every row (two gradients each): the referee, and the fallback's product.
+
+        Raises:
+            RuntimeError: If the differences are not finite.
+        """
         if self._product is None:
             start = time.perf_counter()
-            self._product = self._differences(1.0)
+            out = torch.zeros(
+                self.rows.shape[0],
+                self.kernels.space.subspace(self.targets).numel,
+                dtype=self.kernels.dtype,
+                device=self.kernels.device,
+            )
+            for j, row in enumerate(self.rows):
+                if float(row.norm()) > 0:
+                    out[j] = self._central(row, 1.0, keep=j == 0)
             self.seconds = (time.perf_counter() - start) / self.rows.shape[0]
+            self._product = _finite(out)
         return self._product
 
+    def kinks(self) -> float:
+        """``||g(θ + h d) + g(θ - h d) - 2 g(θ)|| / ||g(θ + h d) - g(θ - h d)||`` of the first row.
+
+        On a smooth loss it is about ``h |T3[d, d]| / (2 |H d|)``, small; a kink inside the step puts
+        its jump into both differences, and rounding noise makes both alike, so it nears 1. The
+        gradient at ``θ`` comes from the cached first-order graphs when there are any.
+        """
+        first = self.rows[0]
+        if not self._gradients or float(first.norm()) == 0:
+            return math.inf
+        (plus, minus, middle), _ = self._fill(first, (1.0, -1.0, 0.0))
+        difference = float((plus - minus).norm())
+        return float((plus + minus - 2 * middle).norm()) / difference if difference > 0 else math.inf
+
     def spread(self) -> float:
-        """``||D(h) - D(h/4)|| / ||D(h)||``: how much the differences change with their step."""
-        first = self.product()
-        if self._second is None:
-            self._second = self._differences(_SECOND_STEP)
-        tiny = torch.finfo(first.dtype).tiny
-        return float((first - self._second).norm()) / max(float(first.norm()), tiny)
+        """``||D(h) - D(h/4)|| / ||D(h)||`` of the first row: how the differences change with their step."""
+        first = self.product()[0]
+        if float(self.rows[0].norm()) == 0:
+            return math.inf
+        second = _finite(self._central(self.rows[0], _SECOND_STEP, keep=True))
+        return float((first - second).norm()) / max(float(first.norm()), torch.finfo(first.dtype).tiny)
 
     def judge(self, product: Tensor) -> Verdict:
-        """Whether an exact ``product`` of the rows is wrong (NOTE [Referee verdicts]).
+        """Whether an exact ``product`` of the first row is wrong (NOTE [Referee verdicts]).
 
         Raises:
             RuntimeError: If the gradient differences fail or are not finite (the caller decides).
         """
-        reference = self.product()
+        reference = self.product()[0]
+        product = product.reshape(-1)
         tiny = torch.finfo(reference.dtype).tiny
         distance = float((product - reference).norm()) / max(float(reference.norm()), tiny)
         if relative_difference(product, reference) <= agreement_tolerance(self.kernels.dtype):
             return Verdict(False, distance)
+        kinks = self.kinks()
+        if kinks > _KINKED:
+            return Verdict(False, distance, kinks)
         spread = self.spread()
-        return Verdict(distance > REFEREE_MARGIN * spread, distance, spread)
+        return Verdict(distance > REFEREE_MARGIN * spread, distance, kinks, spread)
 
-    def _differences(self, factor: float) -> Tensor:
-        out = self.kernels.products(
-            self.rows, FINITE_DIFFERENCE, True, self.support, self.targets, step_factor=factor
-        )
-        if not bool(torch.isfinite(out).all()):
-            raise RuntimeError("gradient differences are not finite")
-        return out
+    def _central(self, row: Tensor, multiple: float, keep: bool) -> Tensor:
+        (plus, minus), step = self._fill(row, (multiple, -multiple), keep)
+        return (plus - minus) / (2 * multiple * step)
+
+    def _fill(
+        self, row: Tensor, multiples: tuple[float, ...], keep: bool = True
+    ) -> tuple[list[Tensor], float]:
+        """The gradients at the given multiples of the step along ``row``, and the step; ``keep``
+        (the first row) computes each multiple once.
+        """
+        if not keep:
+            return self.kernels.gradients_along(row, self.support, self.targets, multiples)
+        missing = tuple(k for k in multiples if k not in self._gradients)
+        if missing:
+            found, self._step = self.kernels.gradients_along(row, self.support, self.targets, missing)
+            self._gradients.update(zip(missing, found, strict=True))
+        return [self._gradients[k] for k in multiples], self._step
+
+
+def _finite(values: Tensor) -> Tensor:
+    if not bool(torch.isfinite(values).all()):
+        raise RuntimeError("gradient differences are not finite")
+    return values

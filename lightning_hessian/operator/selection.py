@@ -281,7 +281,7 @@ class MethodSelector:
         method = self.choice.vector
         self.kernels.products(rows, method, False, support, targets, out=out)
         self._checked = True
-        referee = Referee(self.kernels, rows, support, targets)
+        referee = Referee(self.kernels, rows, support, targets, out if method == FINITE_DIFFERENCE else None)
         if method in DIFFERENCE_METHODS:
             self._report_spread(referee, method, f"hvp={method!r}")
             return

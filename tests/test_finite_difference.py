@@ -82,13 +82,20 @@ def _messages(caught, text: str) -> list[str]:
 # --------------------------------------------------------------------------- accuracy
 
 
-def test_the_step_follows_the_cube_root_and_fifth_root_rules():
+def test_the_step_follows_the_cube_root_and_fifth_root_rules_per_tensor():
     u32, u64 = 2.0**-24, 2.0**-53
-    assert difference_step(torch.float32, 2.5) == pytest.approx((3 * u32) ** (1 / 3) * 2.5)
-    assert difference_step(torch.float64, 1.0, RICHARDSON) == pytest.approx(u64 ** (1 / 5))
+    # the direction moves two tensors: the shorter allowance (1 + ||θ_k||) / ||v_k|| sets the step
+    step = difference_step(torch.float32, [2.5, 11.0], [0.5, 2.0])
+    assert step == pytest.approx((3 * u32) ** (1 / 3) / 2 * min(2.5 / 0.5, 11.0 / 2.0))
+    assert difference_step(torch.float32, [2.5, 11.0], [0.0, 2.0]) == pytest.approx(
+        (3 * u32) ** (1 / 3) / 2 * 5.5
+    )
+    assert difference_step(torch.float64, [1.0], [1.0], RICHARDSON) == pytest.approx(u64 ** (1 / 5) / 2)
     assert expected_error(torch.float32) < 1e-3 and expected_error(torch.float64) < 1e-9
     with pytest.raises(ValueError, match="`method` must be one of"):
-        difference_step(torch.float32, 1.0, REVERSE)
+        difference_step(torch.float32, [1.0], [1.0], REVERSE)
+    with pytest.raises(ValueError, match="direction is zero"):
+        difference_step(torch.float32, [1.0], [0.0])
 
 
 @pytest.mark.parametrize("name", SMOOTH)

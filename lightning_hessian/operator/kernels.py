@@ -32,7 +32,7 @@ from .differences import (
     FINITE_DIFFERENCE,
     RICHARDSON,
     difference_step,
-    parameter_length,
+    parameter_lengths,
 )
 from .graphs import GraphCache
 
@@ -67,7 +67,9 @@ class ProductKernels:
         self.num_samples = num_samples
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
-        self._lengths: dict[tuple[str, ...], float] = {}
+        self._lengths = dict(
+            zip(self.space.names, parameter_lengths(list(self.params.values())), strict=True)
+        )
 
     def products(
         self,
@@ -217,10 +219,9 @@ class ProductKernels:
         Returns:
             The gradients, in the order of ``multiples``, and ``h`` (per unit of ``row``).
         """
-        if support not in self._lengths:
-            self._lengths[support] = parameter_length([self.params[n] for n in support])
-        step = difference_step(self.dtype, self._lengths[support]) / float(row.norm())
         direction = self.space.subspace(support).unflatten(row)
+        norms = [float(t.norm()) for t in direction.values()]
+        step = difference_step(self.dtype, [self._lengths[n] for n in support], norms)
         target_space = self.space.subspace(targets)
         cached = [self.graphs.kept(i) for i in range(len(self.closure.batches))]
         totals = [torch.zeros(target_space.numel, dtype=self.dtype, device=self.device) for _ in multiples]
@@ -251,28 +252,26 @@ class ProductKernels:
     ) -> list[Tensor]:
         """Batch ``index``'s gradient differences along each tangent (NOTE [Step of gradient differences]).
 
-        The step along ``d`` is ``difference_step(...) / ||d||`` (so that ``||h d||`` is the step of a
-        unit direction), ``L`` being ``1 + ||θ||`` over the support; a zero tangent gives zeros.
+        A zero tangent gives zeros.
         """
-        support = tuple(tangents)
-        if support not in self._lengths:
-            self._lengths[support] = parameter_length([self.params[n] for n in support])
-        base = difference_step(self.dtype, self._lengths[support], method) * step_factor
         m = next(iter(tangents.values())).shape[0]
-        norms = torch.stack([t.reshape(m, -1).norm(dim=1) for t in tangents.values()]).norm(dim=0)
+        lengths = [self._lengths[n] for n in tangents]
+        norms = torch.stack([t.reshape(m, -1).norm(dim=1) for t in tangents.values()]).T.tolist()
         columns: list[list[Tensor]] = [[] for _ in targets]
         with self.closure.context(second_order=False):
             fixed = self.closure.buffers()
-            for j, norm in enumerate(norms.tolist()):
+            for j, row_norms in enumerate(norms):
                 direction = {n: t[j] for n, t in tangents.items()}
-                if norm == 0.0:
+                if not any(row_norms):
                     pieces = [torch.zeros_like(self.params[n]) for n in targets]
                 elif method == RICHARDSON:
-                    coarse = self._central(index, direction, base / norm, targets, fixed)
-                    fine = self._central(index, direction, base / (2 * norm), targets, fixed)
+                    step = difference_step(self.dtype, lengths, row_norms, method) * step_factor
+                    coarse = self._central(index, direction, step, targets, fixed)
+                    fine = self._central(index, direction, step / 2, targets, fixed)
                     pieces = [(4 * f - c) / 3 for f, c in zip(fine, coarse, strict=True)]
                 else:
-                    pieces = self._central(index, direction, base / norm, targets, fixed)
+                    step = difference_step(self.dtype, lengths, row_norms, method) * step_factor
+                    pieces = self._central(index, direction, step, targets, fixed)
                 for column, piece in zip(columns, pieces, strict=True):
                     column.append(piece)
         return [torch.stack(column) for column in columns]

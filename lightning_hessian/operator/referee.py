@@ -7,17 +7,21 @@ and there is no second exact method to compare with. Gradient differences need n
 formula at all, so they referee every exact method on its first product, at two gradients.
 
 # NOTE [Referee verdicts]
-An exact product ``p`` is compared with the central difference ``D(h)`` of the same vector. Within
-:func:`agreement_tolerance` of it (relative to the larger norm), ``p`` is right. Beyond it, the
-referee's own reliability decides, measured as the spread ``||D(h) - D(h/4)||`` of a second
-difference at a quarter of the step (two more gradients): rounding grows and truncation shrinks at
-the smaller step, and kinks (NOTE [Kinks] in :mod:`.differences`) or pure rounding noise change the
-difference completely. ``p`` is wrong only if it is more than :data:`REFEREE_MARGIN` times further
-from ``D(h)`` than that spread. This is also NOTE [Disagreement the referee cannot resolve]: where a
-product is (nearly) zero, e.g. a bias before a train-mode BatchNorm, the exact methods return
-rounding noise and the differences return larger noise that changes with the step, so no verdict is
-given and the exact method stays. So the referee cannot judge float32 products of ReLU networks
-(their differences cross kinks); there it keeps the exact method, recorded as unverified.
+An exact product ``p`` of a direction ``d`` is compared with the central difference
+``D(h) = (g(θ + h d) - g(θ - h d)) / (2h)`` (two gradients). Within :func:`agreement_tolerance` of it
+(relative to the larger norm), ``p`` is right: the verdict of every smooth model, at 3e-5 in float32
+and 1e-10 in float64 on the benchmark's. Beyond it, the referee's own reliability decides, in two
+steps. First the second difference ``g(θ + h d) + g(θ - h d) - 2 g(θ)`` against the first (the
+gradient at ``θ`` is free from the cached first-order graphs): on a smooth loss their ratio is about
+``h / L``, 5e-3 in float32; a kink inside the step (NOTE [Kinks] in :mod:`.differences`) puts its jump
+into both, and where the product is nearly zero both are rounding noise, so the ratio nears 1. Above
+0.1 there is no verdict, and the exact method stays, recorded as unverified: so the referee cannot
+judge float32 products of ReLU networks, nor the zero Hessian of a bias before a train-mode
+BatchNorm (NOTE [Disagreement the referee cannot resolve]). Otherwise a second difference at a
+quarter of the step measures the referee's spread ``||D(h) - D(h/4)||`` (two more gradients; rounding
+grows and truncation shrinks at the smaller step, so the spread is at least about ``D(h)``'s error), and
+``p`` is wrong only if it is more than :data:`REFEREE_MARGIN` times further from ``D(h)`` than that.
+A once-differentiable tanh is found 30-60% off, against a spread of 1e-4 in float32.
 """
 
 from __future__ import annotations

@@ -217,6 +217,42 @@ def test_auto_detects_a_once_differentiable_function_and_finds_the_true_eigenval
     torch.testing.assert_close(found32.values, truth.values, rtol=1e-3, atol=0)
 
 
+class _NoGraphTanh(torch.autograd.Function):
+    """tanh whose backward refuses to build a graph (as some fused kernels do under create_graph)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("this kernel has no double backward")
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class NoGraphTanh(nn.Module):
+    def forward(self, x):
+        return _NoGraphTanh.apply(x)
+
+
+def test_auto_works_where_not_even_a_first_order_graph_can_be_built():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), NoGraphTanh(), nn.Linear(16, 3))
+    data = _batch()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        lh.HessianOperator(model, cross_entropy_loss, data, hvp=REVERSE)
+    op = lh.HessianOperator(model, cross_entropy_loss, data, dtype=DOUBLE)
+    with pytest.warns(RuntimeWarning, match=r"No exact.*no double backward"):
+        found = lh.eigenvalues(op, 2)
+    truth = lh.eigenvalues(lh.HessianOperator(tanh_mlp(False), cross_entropy_loss, data, dtype=DOUBLE), 2)
+    torch.testing.assert_close(found.values, truth.values, rtol=1e-7, atol=0)
+    assert op.choice.vector == FINITE_DIFFERENCE
+
+
 def test_a_forced_exact_method_found_wrong_raises_on_every_product():
     op = lh.HessianOperator(tanh_mlp(True), cross_entropy_loss, _batch(), hvp=REVERSE)
     v = torch.randn(op.shape[0])

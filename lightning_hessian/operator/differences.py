@@ -63,8 +63,6 @@ FINITE_DIFFERENCE = "finite-difference"
 #: Richardson extrapolation of two central differences: four gradients, more digits.
 RICHARDSON = "finite-difference-richardson"
 DIFFERENCE_METHODS = (FINITE_DIFFERENCE, RICHARDSON)
-#: Gradients per product of each method.
-GRADIENTS_PER_PRODUCT = {FINITE_DIFFERENCE: 2, RICHARDSON: 4}
 # Worst relative error over smooth models, in units of the rounding term u^(2/3) (central) or u^(4/5)
 # (Richardson); measured with benchmarks/gradient_products.py, rounded up.
 _ERROR_CONSTANT = {FINITE_DIFFERENCE: 10.0, RICHARDSON: 30.0}

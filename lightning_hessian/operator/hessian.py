@@ -25,7 +25,7 @@ from ..distributed import agree_on_failure, all_reduce_or_raise, resolve_process
 from ..memory import available_memory
 from ..parameters import ParameterSpace, Patterns, select_parameters
 from ..validation import check_choice, check_optional_int
-from .differences import DIFFERENCE_METHODS, FINITE_DIFFERENCE, RICHARDSON, half_precision_advice
+from .differences import FINITE_DIFFERENCE, RICHARDSON, half_precision_advice
 from .graphs import GraphCache
 from .kernels import FORWARD, REVERSE, ProductKernels
 from .selection import MethodChoice, MethodSelector, problem_key
@@ -172,8 +172,15 @@ class HessianOperator:
         self.num_matvecs = 0
         self._graphs = GraphCache(closure, self._params)
         error: BaseException | None = None
+        second_order = settings.hvp in ("auto", REVERSE)  # products that differentiate a cached graph
         try:
-            first = self._graphs.build(0, create_graph=settings.hvp not in DIFFERENCE_METHODS)
+            try:
+                first = self._graphs.build(0, create_graph=second_order)
+            except Exception:
+                if settings.hvp != "auto":
+                    raise
+                # A kernel that refuses create_graph: no second-order graph, gradient differences remain.
+                first, second_order = self._graphs.build(0, create_graph=False), False
             self._depends = any(g is not None for g in first.grads)
             if require_dependence and not self._depends:
                 raise ValueError(
@@ -194,7 +201,6 @@ class HessianOperator:
         )
         agreement.raise_error()
         self.num_samples = int(agreement.values[0])
-        second_order = settings.hvp in ("auto", REVERSE)
         self._graphs.enable(cache_graphs if second_order else False, first if second_order else None)
         self._kernels = ProductKernels(closure, self._params, self._graphs, self.num_samples)
         key = problem_key(closure, self.space, settings.dtype, self.device)

@@ -105,8 +105,8 @@ class MethodChoice:
 
 
 _MEMORY: dict[tuple[Any, ...], MethodChoice] = {}
-# Warnings already given per loss closure (an operator and its blocks share one): one each, not one per block.
-_WARNED: weakref.WeakKeyDictionary[LossClosure, set[str]] = weakref.WeakKeyDictionary()
+# Warnings given per model, by kind: one each in a process, not one per block, batch subset or evaluation.
+_WARNED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 def problem_key(
@@ -491,7 +491,7 @@ class MethodSelector:
         self.choice.referee[method] = f"{state} ({verdict.describe()})"
 
     def _fall_back(self, referee: Referee) -> str:
-        """Gradient differences, when no exact method works: one warning per loss closure.
+        """Gradient differences, when no exact method works: one warning per model in a process.
 
         Raises:
             RuntimeError: If gradient differences fail too.
@@ -537,7 +537,7 @@ class MethodSelector:
         return spread
 
     def _warn_once(self, key: str, message: str) -> None:
-        said = _WARNED.setdefault(self.kernels.closure, set())
+        said = _WARNED.setdefault(self.kernels.closure.model, set())
         if key not in said:
             said.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=7)

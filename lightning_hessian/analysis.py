@@ -448,6 +448,7 @@ def analyze_with(
         if not single:
             block_op.release_graphs()
         block.seconds = time.perf_counter() - block_start
+        block.hvp = None if block.method == "zero" else block_op.choice.vector
         report.blocks[name] = block
     sharing = [name for name in iterative if report.blocks[name].method == "iterative"]
     if shared_trace and sharing:

@@ -579,6 +579,7 @@ class HessianCallback(Callback):
             self._skip(entry, failure.error, failure.message)
             return
         entry.update(ok=True, wall_seconds=self.budget.clock() - start, **metrics)
+        entry["hvp"] = {name: block.hvp for name, block in report.blocks.items()}  # the product method
         self.history.append(entry)
         self.last_report = report
 

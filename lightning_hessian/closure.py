@@ -218,15 +218,21 @@ class LossClosure:
         return fixed
 
     @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
-        """Enter once around any number of loss evaluations: sets the mode, restores all state."""
+    def context(self, second_order: bool = True) -> Iterator[None]:
+        """Enter once around any number of loss evaluations: sets the mode, restores all state.
+
+        Args:
+            second_order: Whether the losses will be differentiated twice (then attention runs on
+                the math kernel, see :func:`~lightning_hessian.state.differentiable_context`); plain
+                gradients keep the module's own attention kernel.
+        """
         with contextlib.ExitStack() as stack:
             stack.enter_context(preserved_rng_state([self.device]))
             stack.enter_context(preserved_module_state(self.model))
             self.model.train(self.mode == "train")
             if self.mode == "train":
                 stack.enter_context(batch_norm_without_running_stats(self.model))
-            stack.enter_context(differentiable_context(self.device))
+            stack.enter_context(differentiable_context(self.device, math_attention=second_order))
             yield
 
     def batch_loss(

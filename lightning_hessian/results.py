@@ -265,6 +265,10 @@ class BlockReport:
         eigenvector_overlap: ``||V_prevᵀ V_now||_F² / k`` against the previous evaluation's top-``k``
             eigenvectors, in ``[0, 1]``, or ``None`` (first evaluation, or the vectors were dropped).
         landscape: The loss along the top eigenvectors and the gradient, or ``None``.
+        hvp: The Hessian-vector product method the block's products used: ``"reverse-over-reverse"``
+            or ``"forward-over-reverse"`` (exact), ``"finite-difference"`` or
+            ``"finite-difference-richardson"`` (gradient differences, a few digits less); ``None``
+            for a ``"zero"`` block (no products).
     """
 
     name: str
@@ -282,6 +286,7 @@ class BlockReport:
     gradient_geometry: GradientGeometry | None = None
     eigenvector_overlap: float | None = None
     landscape: Landscape | None = None
+    hvp: str | None = None
 
 
 @dataclass

@@ -115,11 +115,12 @@ def batch_norm_without_running_stats(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def differentiable_context(device: torch.device) -> Iterator[None]:
+def differentiable_context(device: torch.device, math_attention: bool = True) -> Iterator[None]:
     """Grad on, inference mode off, autocast off, and the attention kernel that every AD mode supports.
 
     The fused CPU/GPU kernels behind ``scaled_dot_product_attention`` have no double-backward or
     forward-mode formulas; the math backend is composite and differentiates any number of times.
+    ``math_attention=False`` leaves the attention kernel alone (for first-order gradients).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -129,7 +130,8 @@ def differentiable_context(device: torch.device) -> Iterator[None]:
         stack.enter_context(torch.autocast("cpu", enabled=False))
         if device.type == "cuda" or torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if math_attention:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         yield
 
 

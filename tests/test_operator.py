@@ -261,11 +261,33 @@ def test_forced_forward_over_reverse_on_mse_names_the_torch_limitation():
     assert (auto @ torch.randn(auto.shape[0])).shape == (op.shape[0],)
 
 
-def test_embedding_bag_error_says_how_to_exclude_it():
-    model = nn.Sequential(nn.EmbeddingBag(10, 4), nn.Linear(4, 2))
+class _EmbeddingMean(nn.Module):
+    """EmbeddingBag(mode='mean') written with nn.Embedding, which has second derivatives."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+
+    def forward(self, index):
+        return F.embedding(index, self.weight).mean(1)
+
+
+def test_embedding_bag_falls_back_to_gradient_differences_and_says_how_to_exclude_it():
+    """PyTorch has no second derivatives of EmbeddingBag: auto warns once and differences gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(10, 4), nn.Linear(4, 2)).double()
     batch = (torch.randint(0, 10, (8, 3)), torch.randint(0, 2, (8,)))
     op = lh.HessianOperator(model, cross_entropy_loss, [batch])
-    with pytest.raises(RuntimeError, match=r"'0' \(EmbeddingBag\).*params=\['1\.\*'\]"):
-        op @ torch.randn(op.shape[0])
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    advice = r"gradient differences.*'0' \(EmbeddingBag\).*params=\['1\.\*'\]"
+    with pytest.warns(RuntimeWarning, match=advice):
+        hv = op @ v
+    assert op.choice.vector == "finite-difference"
+    twin = nn.Sequential(_EmbeddingMean(model[0].weight), copy.deepcopy(model[1]))
+    expected = reference_hessian(twin, cross_entropy_loss, [batch]) @ v
+    assert float((hv - expected).norm() / expected.norm()) < 1e-7
+    with pytest.raises(NotImplementedError, match="_embedding_bag_backward"):
+        lh.HessianOperator(model, cross_entropy_loss, [batch], hvp=REVERSE) @ v
     rest = lh.HessianOperator(model, cross_entropy_loss, [batch], params="1.*")
-    assert (rest @ torch.randn(rest.shape[0])).shape == (10,)
+    assert (rest @ torch.randn(rest.shape[0], dtype=torch.float64)).shape == (10,)
+    assert rest.choice.vector in (REVERSE, FORWARD)

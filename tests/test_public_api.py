@@ -458,6 +458,7 @@ RESULT_FIELDS = {
         ("gradient_geometry", "None"),  # added (training dynamics)
         ("eigenvector_overlap", "None"),  # added (training dynamics)
         ("landscape", "None"),  # added (training dynamics)
+        ("hvp", "None"),  # added: the product method the block used (exact or gradient differences)
     ],
     "StabilityResult": [
         ("value", REQUIRED),

@@ -57,8 +57,12 @@ class GraphCache:
         self.first_graph_bytes = 0
         self._graphs: dict[int, FirstOrderGraph] = {}
 
-    def build(self, index: int) -> FirstOrderGraph:
-        """Build (never cache) the graph of batch ``index``; the first batch's size is measured."""
+    def build(self, index: int, create_graph: bool = True) -> FirstOrderGraph:
+        """Build (never cache) the graph of batch ``index``; the first batch's size is measured.
+
+        ``create_graph=False`` builds a plain gradient (for a dependence check where no product will
+        differentiate it: gradient differences need no second-order graph, and some modules have none).
+        """
         with self.closure.context(), saved_tensor_bytes() as counter, EvalBatchNormAsAffine():
             leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
             loss = self.closure.batch_loss(leaves, index)
@@ -66,7 +70,9 @@ class GraphCache:
                 grads: list[Tensor | None] = [None] * len(leaves)
             else:
                 grads = list(
-                    torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+                    torch.autograd.grad(
+                        loss, list(leaves.values()), create_graph=create_graph, allow_unused=True
+                    )
                 )
         if index == 0:
             self.first_graph_bytes = counter[0]

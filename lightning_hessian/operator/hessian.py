@@ -26,11 +26,12 @@ from ..distributed import agree_on_failure, all_reduce_or_raise, resolve_process
 from ..memory import available_memory
 from ..parameters import ParameterSpace, Patterns, select_parameters
 from ..validation import check_choice, check_optional_int
+from .differences import FINITE_DIFFERENCE, RICHARDSON, half_precision_advice
 from .graphs import GraphCache
 from .kernels import FORWARD, REVERSE, ProductKernels
 from .selection import MethodChoice, MethodSelector, problem_key
 
-HVP_METHODS = ("auto", REVERSE, FORWARD)
+HVP_METHODS = ("auto", REVERSE, FORWARD, FINITE_DIFFERENCE, RICHARDSON)
 _CHUNK_MEMORY_SHARE = 0.25  # share of free memory one batched product may take
 _MAX_CHUNK = 256  # batched products of more columns run slower per column (cache)
 
@@ -59,7 +60,14 @@ class HessianOperator:
     Products are exact (Pearlmutter's trick): ``"reverse-over-reverse"`` differentiates each batch's
     cached gradient again; ``"forward-over-reverse"`` is ``torch.func.jvp`` of ``torch.func.grad``.
     ``hvp="auto"`` times both on the first product (and both batched forms on the first product of
-    many columns), checks that they agree, and keeps the fastest that works for the model at hand.
+    many columns), has gradient differences referee them, and keeps the fastest that works and is
+    right for the model at hand. Where neither is (a compiled module without double backward, a
+    custom ``autograd.Function`` without second derivatives), it falls back to gradient differences
+    with one warning. ``"finite-difference"`` forces those: ``(g(θ + h v) - g(θ - h v)) / (2h)`` of two
+    plain gradients, relative error about 1e-4 in float32 and 1e-10 in float64 on smooth models
+    (:mod:`.differences`); ``"finite-difference-richardson"`` extrapolates two of them (four
+    gradients), about 2 times more accurate in float32 and 30 in float64. A forced exact method is
+    refereed on its first product too, and raises if it is found wrong.
 
     Args:
         model: Any ``nn.Module``.
@@ -72,7 +80,9 @@ class HessianOperator:
             carry float32 rounding through two differentiations (see NOTE [Float32 Hessians] in
             :mod:`lightning_hessian.exact`).
         batch_size_fn: ``batch -> number of samples``; default first dim of the first tensor.
-        hvp: ``"auto"``, ``"reverse-over-reverse"`` or ``"forward-over-reverse"``.
+        hvp: ``"auto"``, ``"reverse-over-reverse"``, ``"forward-over-reverse"``,
+            ``"finite-difference"`` or ``"finite-difference-richardson"``. ``op.choice`` says which
+            one is used, what failed and the referee's verdicts.
         cache_graphs: Keep each batch's first-order graph for reuse (``"auto"``: while it fits in a
             quarter of free memory).
         chunk_size: Columns per batched product (default: sized from free memory).
@@ -128,6 +138,9 @@ class HessianOperator:
         settings = _Settings(
             closure.dtype or next(iter(dtypes)), hvp, chunk_size, resolve_process_group(process_group)
         )
+        advice = half_precision_advice(settings.dtype)
+        if advice is not None:
+            warnings.warn(advice, UserWarning, stacklevel=2)
         self._build(closure, {n: p.detach() for n, p in selected.items()}, settings, cache_graphs)
 
     @classmethod
@@ -160,8 +173,15 @@ class HessianOperator:
         self.num_matvecs = 0
         self._graphs = GraphCache(closure, self._params)
         error: BaseException | None = None
+        second_order = settings.hvp in ("auto", REVERSE)  # products that differentiate a cached graph
         try:
-            first = self._graphs.build(0)
+            try:
+                first = self._graphs.build(0, create_graph=second_order)
+            except Exception:
+                if settings.hvp != "auto":
+                    raise
+                # A kernel that refuses create_graph: no second-order graph, gradient differences remain.
+                first, second_order = self._graphs.build(0, create_graph=False), False
             self._depends = any(g is not None for g in first.grads)
             if require_dependence and not self._depends:
                 raise ValueError(
@@ -182,7 +202,7 @@ class HessianOperator:
         )
         agreement.raise_error()
         self.num_samples = int(agreement.values[0])
-        self._graphs.enable(cache_graphs, first if settings.hvp != FORWARD else None)
+        self._graphs.enable(cache_graphs if second_order else False, first if second_order else None)
         self._kernels = ProductKernels(closure, self._params, self._graphs, self.num_samples)
         key = problem_key(closure, self.space, settings.dtype, self.device)
         self._selector = MethodSelector(settings.hvp, self._kernels, key)

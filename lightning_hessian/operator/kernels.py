@@ -1,11 +1,15 @@
-"""Exact Hessian-vector product kernels, and gradients for finite-difference checks.
+"""Hessian-vector product kernels: the exact ones, and gradient differences.
 
-Both kernels compute this rank's weighted sum over batches of ``H_b @ v`` (Pearlmutter's trick):
+Every kernel computes this rank's weighted sum over batches of ``H_b @ v``. The exact ones use
+Pearlmutter's trick:
 
 - ``"reverse-over-reverse"``: differentiate each batch's cached gradient once more with
   ``grad_outputs=v``; many vectors at once through ``is_grads_batched`` (vmap over the backward).
 - ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; many vectors at once through
   ``torch.func.vmap``.
+
+``"finite-difference"`` and ``"finite-difference-richardson"`` difference two (four) plain gradients
+instead (:mod:`.differences`); their "batched" form is a loop over the vectors.
 
 Vectors may live on a subset of the parameters (``support``) and only some entries of the product
 may be wanted (``targets``): autograd then skips every layer that neither touches, which the dense
@@ -14,8 +18,8 @@ path uses to compute one triangle of the matrix.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -23,11 +27,20 @@ from torch import Tensor
 from ..closure import LossClosure
 from ..parameters import ParameterSpace
 from ..state import differentiable_context
+from .differences import (
+    DIFFERENCE_METHODS,
+    FINITE_DIFFERENCE,
+    RICHARDSON,
+    difference_step,
+    parameter_lengths,
+)
 from .graphs import GraphCache
 
 REVERSE = "reverse-over-reverse"
 FORWARD = "forward-over-reverse"
-METHODS = (REVERSE, FORWARD)
+#: The exact methods, which ``hvp="auto"`` times and chooses from.
+EXACT_METHODS = (REVERSE, FORWARD)
+METHODS = EXACT_METHODS + DIFFERENCE_METHODS
 
 
 class ProductKernels:
@@ -54,6 +67,9 @@ class ProductKernels:
         self.num_samples = num_samples
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
+        self._lengths = dict(
+            zip(self.space.names, parameter_lengths(list(self.params.values())), strict=True)
+        )
 
     def products(
         self,
@@ -63,6 +79,7 @@ class ProductKernels:
         support: tuple[str, ...] | None = None,
         targets: tuple[str, ...] | None = None,
         out: Tensor | None = None,
+        step_factor: float = 1.0,
     ) -> Tensor:
         """Local weighted sum over batches of ``H_b @ rows[j]`` for each row ``j``.
 
@@ -71,11 +88,13 @@ class ProductKernels:
 
         Args:
             rows: ``[m, N_support]`` vectors over the ``support`` parameters.
-            method: ``"reverse-over-reverse"`` or ``"forward-over-reverse"``.
-            batched: All rows in one batched call (else ``m`` must be 1).
+            method: One of :data:`METHODS`.
+            batched: All rows in one batched call (else ``m`` must be 1); gradient differences loop.
             support: Parameter names the vectors live on (default all).
             targets: Parameter names whose product entries are wanted (default all).
             out: ``[m, N_targets]`` destination (any strides); default a new tensor.
+            step_factor: Gradient differences only: a multiple of their step (the referee's second
+                opinion uses a quarter of it).
 
         Returns:
             ``[m, N_targets]`` (``out`` when given).
@@ -88,7 +107,10 @@ class ProductKernels:
         if out is None:
             out = torch.empty(m, target_space.numel, dtype=self.dtype, device=self.device)
         columns = [out[:, piece] for piece in target_space.slices().values()]
-        product = self._reverse if method == REVERSE else self._forward
+        if method in DIFFERENCE_METHODS:
+            product = partial(self._difference, method=method, step_factor=step_factor)
+        else:
+            product = self._reverse if method == REVERSE else self._forward
         for i in range(len(self.closure.batches)):
             weight = self.closure.weight(i, self.num_samples)
             pieces = product(i, tangents, batched, target_space.names)
@@ -179,30 +201,115 @@ class ProductKernels:
             total += self.closure.weight(i, self.num_samples) * torch.cat([g.reshape(-1) for g in grads])
         return total
 
-    def finite_difference(self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...]) -> Tensor:
-        """Central differences of the gradient along each row: an independent referee for the kernels.
+    def gradients_along(
+        self, row: Tensor, support: tuple[str, ...], targets: tuple[str, ...], multiples: tuple[float, ...]
+    ) -> tuple[list[Tensor], float]:
+        """Weighted gradients ``[N_targets]`` at ``θ + k h d`` for each multiple ``k``, for the referee.
 
-        The step is ``sqrt(eps) * max(1, max |θ|)`` along the unit row, the usual balance between
-        truncation (``O(step²)``) and rounding (``O(eps / step)``) errors.
+        ``d`` is ``row`` over the support and ``h`` the central step along it (as the
+        ``"finite-difference"`` products take it); a multiple of 0 reads the gradient at ``θ`` from
+        the cached first-order graphs when every batch has one.
 
         Args:
-            rows: ``[m, N_support]`` directions.
-            support: Parameter names the rows live on.
-            targets: Parameter names whose product entries are wanted.
+            row: ``[N_support]`` direction (not zero).
+            support: Parameter names the direction lives on.
+            targets: Parameter names whose gradient entries are wanted.
+            multiples: The steps, as multiples of ``h``.
 
         Returns:
-            ``[m, N_targets]`` approximate products.
+            The gradients, in the order of ``multiples``, and ``h`` (per unit of ``row``).
         """
-        out = []
-        support_space, target_space = self.space.subspace(support), self.space.subspace(targets)
-        eps = math.sqrt(torch.finfo(self.dtype).eps) * max(
-            1.0, max(float(p.abs().max()) for p in self.params.values())
+        direction = self.space.subspace(support).unflatten(row)
+        norms = [float(t.norm()) for t in direction.values()]
+        step = difference_step(self.dtype, [self._lengths[n] for n in support], norms)
+        target_space = self.space.subspace(targets)
+        cached = [self.graphs.kept(i) for i in range(len(self.closure.batches))]
+        totals = [torch.zeros(target_space.numel, dtype=self.dtype, device=self.device) for _ in multiples]
+        with self.closure.context(second_order=False):
+            fixed = self.closure.buffers()
+            for i, graph in enumerate(cached):
+                weight = self.closure.weight(i, self.num_samples)
+                for total, multiple in zip(totals, multiples, strict=True):
+                    if multiple == 0 and graph is not None:
+                        kept = dict(zip(self.space.names, graph.grads, strict=True))
+                        pieces = [
+                            torch.zeros_like(self.params[n]) if kept[n] is None else kept[n] for n in targets
+                        ]
+                    else:
+                        pieces = self._gradient_at(i, direction, multiple * step, targets, fixed)
+                    total.add_(torch.cat([g.detach().reshape(-1) for g in pieces]), alpha=weight)
+        return totals, step
+
+    def _difference(
+        self,
+        index: int,
+        tangents: dict[str, Tensor],
+        batched: bool,
+        targets: tuple[str, ...],
+        *,
+        method: str = FINITE_DIFFERENCE,
+        step_factor: float = 1.0,
+    ) -> list[Tensor]:
+        """Batch ``index``'s gradient differences along each tangent (NOTE [Step of gradient differences]).
+
+        A zero tangent gives zeros.
+        """
+        m = next(iter(tangents.values())).shape[0]
+        lengths = [self._lengths[n] for n in tangents]
+        norms = torch.stack([t.reshape(m, -1).norm(dim=1) for t in tangents.values()]).T.tolist()
+        columns: list[list[Tensor]] = [[] for _ in targets]
+        with self.closure.context(second_order=False):
+            fixed = self.closure.buffers()
+            for j, row_norms in enumerate(norms):
+                direction = {n: t[j] for n, t in tangents.items()}
+                if not any(row_norms):
+                    pieces = [torch.zeros_like(self.params[n]) for n in targets]
+                elif method == RICHARDSON:
+                    step = difference_step(self.dtype, lengths, row_norms, method) * step_factor
+                    coarse = self._central(index, direction, step, targets, fixed)
+                    fine = self._central(index, direction, step / 2, targets, fixed)
+                    pieces = [(4 * f - c) / 3 for f, c in zip(fine, coarse, strict=True)]
+                else:
+                    step = difference_step(self.dtype, lengths, row_norms, method) * step_factor
+                    pieces = self._central(index, direction, step, targets, fixed)
+                for column, piece in zip(columns, pieces, strict=True):
+                    column.append(piece)
+        return [torch.stack(column) for column in columns]
+
+    def _central(
+        self,
+        index: int,
+        direction: dict[str, Tensor],
+        step: float,
+        targets: tuple[str, ...],
+        fixed: Mapping[str, Tensor],
+    ) -> list[Tensor]:
+        """``(g(θ + step d) - g(θ - step d)) / (2 step)`` of batch ``index``, for the targets."""
+        plus = self._gradient_at(index, direction, step, targets, fixed)
+        minus = self._gradient_at(index, direction, -step, targets, fixed)
+        return [torch.sub(p, q).div_(2 * step) for p, q in zip(plus, minus, strict=True)]
+
+    def _gradient_at(
+        self,
+        index: int,
+        direction: dict[str, Tensor],
+        step: float,
+        targets: tuple[str, ...],
+        fixed: Mapping[str, Tensor],
+    ) -> list[Tensor]:
+        """Batch ``index``'s gradient w.r.t. the targets at ``θ + step d`` (call inside the context).
+
+        ``θ + step d`` are new tensors; the saved ``θ`` and the module are never written (NOTE
+        [Gradient differences leave the module alone]). Only the targets require grad, so autograd
+        stops at the first layer that holds one.
+        """
+        values = dict(self.params)
+        for name, d in direction.items():
+            values[name] = torch.add(self.params[name], d, alpha=step)
+        leaves = {n: values[n].detach().requires_grad_(True) for n in targets}
+        loss = self.closure.batch_loss({**values, **leaves}, index, fixed)
+        if not loss.requires_grad:  # the loss does not depend on the targets
+            return [torch.zeros_like(leaf) for leaf in leaves.values()]
+        return list(
+            torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
         )
-        for row in rows:
-            norm = float(row.norm()) or 1.0
-            step = support_space.unflatten(row / norm)
-            plus = {n: p + eps * step[n] if n in step else p for n, p in self.params.items()}
-            minus = {n: p - eps * step[n] if n in step else p for n, p in self.params.items()}
-            difference = self.gradient(plus) - self.gradient(minus)
-            out.append(target_space.flatten(self.space.unflatten(difference)) * (norm / (2 * eps)))
-        return torch.stack(out)

@@ -3,7 +3,8 @@
 # NOTE [Cheap method choice]
 # The operator-wide choice runs each candidate once on the first vector (the winner's product is the
 # caller's result) and the winner's batched form once on the first chunk of several columns (its
-# products are the chunk's own), so choosing costs about one product of the slower method. Single
+# products are the chunk's own), so choosing costs about one product of the slower method, plus the
+# referee's two gradients (about one product; two more when it must measure its own spread). Single
 # timings are noisier than the best of several rounds; the choice is remembered per problem, and the
 # dense path, which spends thousands of products, still times each wide block's batched candidates.
 
@@ -11,9 +12,12 @@ Some ``torch.func`` compositions fail on some layers, and the faster method diff
 between one vector and many, and between parameter blocks of one model (for a wide last layer whose
 products stop at the logits, reverse-over-reverse can be several times faster per column than
 forward-over-reverse, while the opposite holds for the convolutions in front of it). So the
-:class:`MethodSelector` times every candidate on the first products it is asked for, checks that the
-candidates agree (central differences of the gradient referee a disagreement), keeps the fastest one
-that works, and remembers the choice for the same problem in this process.
+:class:`MethodSelector` times every exact candidate on the first product it is asked for, has
+gradient differences referee them (:mod:`.referee`), keeps the fastest one that works and is not
+found wrong, and remembers the choice for the same problem in this process. Where no exact method
+works, ``"auto"`` falls back to gradient differences with one warning that names the causes and the
+accuracy to expect. A method the user forces gets the same referee on its first product, and an
+error when it is found wrong (the user asked for that method; its products would be wrong).
 
 The state is explicit data: a :class:`MethodChoice` holds the method for single vectors and a
 :class:`MatrixMethod` (a method, batched or as a loop of single products) for many.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,14 +39,20 @@ from torch import Tensor, nn
 from ..batches import batch_signature
 from ..closure import LossClosure
 from ..parameters import ROOT_MODULE_NAME, ParameterSpace, module_name_of
-from .kernels import METHODS, REVERSE, ProductKernels
+from .differences import DIFFERENCE_METHODS, FINITE_DIFFERENCE, expected_error
+from .kernels import EXACT_METHODS, REVERSE, ProductKernels
+from .referee import REFEREE_MARGIN, Referee, Verdict, agreement_tolerance, relative_difference
 
 #: A support (parameter block) at least this wide gets its own batched-method choice.
 BLOCK_SELECTION_MIN_COLUMNS = 1024
 _MATRIX_ROUNDS = 2
 _WARM_UP_COLUMNS = 4  # untimed first batched run of each candidate
 _MEMORY_SIZE = 64  # problems whose choice the process remembers
-_REFEREE_MARGIN = 10.0  # how much further from the finite differences a method must be to be wrong
+_KINK_SPREAD = 1e-2  # a gradient-difference spread above this is reported (NOTE [Kinks])
+_WRONG_CAUSE = (
+    "A custom autograd.Function whose backward is @once_differentiable (as fused kernels' are), or "
+    "has no derivative of its own, drops second-order terms without raising."
+)
 
 Pair = tuple[tuple[str, ...], tuple[str, ...]]  # (support, targets)
 # Layers whose backward has no derivative of its own in PyTorch (no double backward, no forward AD).
@@ -53,7 +64,8 @@ class MatrixMethod:
     """How many vectors are multiplied at once.
 
     Attributes:
-        method: ``"reverse-over-reverse"`` or ``"forward-over-reverse"``.
+        method: One of the product methods (``"reverse-over-reverse"``, ``"forward-over-reverse"``,
+            ``"finite-difference"``, ``"finite-difference-richardson"``).
         batched: One batched call for all columns, or a loop of single products.
     """
 
@@ -71,21 +83,30 @@ class MethodChoice:
     Attributes:
         vector: Method used for single vectors (``None`` until chosen).
         matrix: Method used for many vectors at once (``None`` until chosen).
-        seconds: Measured seconds per product by candidate (``"<method> (batched)"`` for batched forms).
+        seconds: Measured seconds per product by candidate (``"<method> (batched)"`` for batched forms;
+            ``"finite-difference"`` for the referee's gradient differences).
         failures: Error message by candidate that failed or disagreed.
+        referee: The referee's verdict on the first product of each method it judged: ``"agrees"``,
+            ``"unverified"`` (it could not judge, see NOTE [Referee verdicts]) or ``"wrong"``, with the
+            measured differences; for gradient differences, their spread between two steps.
     """
 
     vector: str | None = None
     matrix: MatrixMethod | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    referee: dict[str, str] = field(default_factory=dict)
 
     def copy(self) -> MethodChoice:
         """An independent copy (the dicts are copied)."""
-        return replace(self, seconds=dict(self.seconds), failures=dict(self.failures))
+        return replace(
+            self, seconds=dict(self.seconds), failures=dict(self.failures), referee=dict(self.referee)
+        )
 
 
 _MEMORY: dict[tuple[Any, ...], MethodChoice] = {}
+# Warnings given per model, by kind: one each in a process, not one per block, batch subset or evaluation.
+_WARNED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 def problem_key(
@@ -105,19 +126,10 @@ def problem_key(
     )
 
 
-def relative_difference(a: Tensor, b: Tensor) -> float:
-    """``||a - b|| / max(||a||, ||b||)`` (0 for two zero tensors)."""
-    scale = max(float(a.norm()), float(b.norm()), torch.finfo(a.dtype).tiny)
-    return float((a - b).norm()) / scale
-
-
-def agreement_tolerance(dtype: torch.dtype) -> float:
-    """Relative difference two exact methods may show from rounding alone."""
-    return 1e-3 if dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-7
-
-
-def _exclusion_advice(model: nn.Module, names: Sequence[str]) -> str:
-    """How to analyse the rest of a model some of whose layers have no second derivatives in PyTorch."""
+def _exclusion_advice(model: nn.Module, names: Sequence[str], generic: bool = True) -> str:
+    """How to analyse the rest of a model some of whose layers have no second derivatives in PyTorch
+    (``""`` when no known such layer is found and ``generic`` is false).
+    """
     owners = {module_name_of(n) for n in names}
     without = {
         name: type(module).__name__
@@ -125,7 +137,7 @@ def _exclusion_advice(model: nn.Module, names: Sequence[str]) -> str:
         if isinstance(module, _NO_SECOND_DERIVATIVES) and name in owners
     }
     if not without:
-        return "Exclude the parameters of layers without second derivatives with `params=`."
+        return "Exclude the parameters of layers without second derivatives with `params=`." * generic
     rest = sorted(f"{owner}.*" for owner in owners - set(without) if owner != ROOT_MODULE_NAME)
     layers = ", ".join(f"{name!r} ({kind})" for name, kind in sorted(without.items()))
     suggestion = f" (e.g. params={rest})" if rest else ""
@@ -139,7 +151,7 @@ class MethodSelector:
     """The product method for each call: fixed by the user, or measured once (``"auto"``).
 
     Args:
-        requested: ``"auto"`` or one of the exact methods.
+        requested: ``"auto"`` or one of the product methods.
         kernels: The product kernels to time.
         key: The problem's :func:`problem_key`: an ``"auto"`` choice made before in this process for
             the same key is reused instead of timing again.
@@ -162,6 +174,8 @@ class MethodSelector:
         self.block_methods: dict[Pair, MatrixMethod] = {}
         self.block_seconds: dict[Pair, dict[str, float]] = {}
         self._settled: set[Pair] = set()
+        self._checked = requested == "auto"  # a forced method is refereed on its first product
+        self._wrong: RuntimeError | None = None  # a forced method found wrong: every product raises
 
     def method_for(
         self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...], out: Tensor
@@ -184,13 +198,24 @@ class MethodSelector:
         Returns:
             ``(method, done)``: the method for the rest of the chunk (never batched for one row)
             and how many leading rows of ``out`` are already computed.
+
+        Raises:
+            RuntimeError: If no method works, or a forced exact method is found wrong.
         """
         done, chose_now = 0, False
+        if self._wrong is not None:
+            raise self._wrong
+        if not self._checked:
+            self._check_forced(rows[:1], support, targets, out[:1])
+            done = 1
         if self.choice.vector is None:
             self._choose_vector(rows[:1], support, targets, out[:1])
             done, chose_now = 1, True
         if rows.shape[0] == 1:
             return MatrixMethod(self.choice.vector, batched=False), done
+        if self.choice.vector in DIFFERENCE_METHODS:  # a loop of gradient differences, nothing to time
+            self.choice.matrix = self.choice.matrix or MatrixMethod(self.choice.vector, batched=False)
+            return self.choice.matrix, done
         if self.choice.matrix is None and rows.shape[0] - done >= 2:
             done = self._choose_matrix(rows, support, targets, out, done)
             chose_now = True
@@ -224,19 +249,56 @@ class MethodSelector:
     def _choose_vector(
         self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...], out: Tensor
     ) -> None:
-        """Run every candidate once on one vector, keep the fastest that works; its result goes to ``out``."""
+        """Run every exact candidate once on one vector, keep the fastest that works and the referee
+        does not find wrong, else gradient differences; the product goes to ``out``.
+        """
         if self.kernels.graphs.enabled:  # built now, not inside reverse-over-reverse's timing
             for index in range(len(self.kernels.closure.batches)):
                 self.kernels.graphs.get(index)
         results, seconds = self._time_once(
-            rows, list(METHODS), lambda name: self.kernels.products(rows, name, False, support, targets)
+            rows, list(EXACT_METHODS), lambda name: self.kernels.products(rows, name, False, support, targets)
         )
         self.choice.seconds.update(seconds)
-        self.choice.vector = self._pick(results, seconds, rows, support, targets)
-        out.copy_(results[self.choice.vector])
+        referee = Referee(self.kernels, rows, support, targets)
+        self.choice.vector = self._pick(results, seconds, referee)
+        if self.choice.vector == FINITE_DIFFERENCE:
+            out.copy_(referee.product())
+        else:
+            out.copy_(results[self.choice.vector])
         if self.choice.vector != REVERSE:
             self.kernels.graphs.release()
         self._remember()
+
+    def _check_forced(
+        self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...], out: Tensor
+    ) -> None:
+        """The first product of a forced method, refereed: an exact method found wrong raises, and
+        gradient differences that change much with their step are reported (NOTE [Kinks]).
+
+        Raises:
+            RuntimeError: If a forced exact method's product is wrong.
+        """
+        method = self.choice.vector
+        self.kernels.products(rows, method, False, support, targets, out=out)
+        self._checked = True
+        referee = Referee(self.kernels, rows, support, targets, out if method == FINITE_DIFFERENCE else None)
+        if method in DIFFERENCE_METHODS:
+            self._report_spread(referee, method, f"hvp={method!r}")
+            return
+        try:
+            verdict = referee.judge(out)
+        except Exception as error:  # noqa: BLE001 - no referee: the forced method stands unverified
+            self.choice.referee[method] = f"unverified (gradient differences failed: {error})"
+            return
+        self._record(method, verdict)
+        if verdict.wrong:
+            self.choice.failures[method] = f"wrong products ({verdict.describe()})"
+            self._wrong = RuntimeError(
+                f"hvp={method!r} gives wrong Hessian-vector products for this model: "
+                f"{verdict.describe()}. {_WRONG_CAUSE} Use hvp='auto' (it falls back to gradient "
+                "differences where no exact method is right) or hvp='finite-difference'."
+            )
+            raise self._wrong
 
     def _choose_matrix(
         self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...], out: Tensor, done: int
@@ -285,6 +347,9 @@ class MethodSelector:
 
     def _choose_block(self, rows: Tensor, pair: Pair) -> None:
         loop = self.choice.vector
+        if loop in DIFFERENCE_METHODS:
+            self.block_methods[pair] = MatrixMethod(loop, batched=False)
+            return
         _, single = self._time(
             rows[:1],
             [loop],
@@ -300,7 +365,7 @@ class MethodSelector:
         self, rows: Tensor, support: tuple[str, ...], targets: tuple[str, ...], vector_seconds: float | None
     ) -> tuple[MatrixMethod, dict[str, float]]:
         """The fastest working batched method on ``rows``, or a loop of the vector method."""
-        candidates = [m for m in METHODS if m not in self.choice.failures]
+        candidates = [m for m in EXACT_METHODS if m not in self.choice.failures]
         few = rows[:_WARM_UP_COLUMNS]
         results, seconds = self._time(
             rows,
@@ -312,7 +377,7 @@ class MethodSelector:
         if vector_seconds is None:
             vector_seconds = self.choice.seconds.get(self.choice.vector, math.inf)
         if results:
-            best = self._pick(results, seconds, rows, support, targets)
+            best = self._pick(results, seconds, Referee(self.kernels, rows, support, targets), judge=False)
             if seconds[best] <= vector_seconds:
                 return MatrixMethod(best), seconds
         return MatrixMethod(self.choice.vector, batched=False), seconds
@@ -359,42 +424,128 @@ class MethodSelector:
         return results, seconds
 
     def _pick(
-        self,
-        results: dict[str, Tensor],
-        seconds: dict[str, float],
-        rows: Tensor,
-        support: tuple[str, ...],
-        targets: tuple[str, ...],
+        self, results: dict[str, Tensor], seconds: dict[str, float], referee: Referee, judge: bool = True
     ) -> str:
-        """The fastest candidate; when two disagree, the one further from finite differences is out."""
-        if not results:
-            raise RuntimeError(
-                "No Hessian-vector product method works for this model: "
-                + "; ".join(f"{k}: {v}" for k, v in self.choice.failures.items())
-                + ". "
-                + _exclusion_advice(self.kernels.closure.model, self.kernels.space.names)
-            )
+        """The fastest candidate that is not wrong; gradient differences where none is left.
+
+        Two candidates that disagree go before the referee first (the one clearly further from its
+        differences is out). With ``judge`` (the vector choice), the kept candidate is then judged on
+        its own (NOTE [Referee verdicts]); without (batched forms of methods judged before), only a
+        disagreement calls the referee.
+
+        Raises:
+            RuntimeError: If no method works, gradient differences included.
+        """
         names = list(results)
         if len(names) == 2:
             difference = relative_difference(*(results[n] for n in names))
             if difference > agreement_tolerance(self.kernels.dtype):
-                reference = self.kernels.finite_difference(rows, support, targets)
-                errors = {n: float((results[n] - reference).norm()) for n in names}
-                worse, better = sorted(names, key=errors.get, reverse=True)
-                # NOTE [Disagreement the referee cannot resolve]: where the product is (nearly) zero,
-                # e.g. a bias before a train-mode BatchNorm, both exact methods return rounding noise
-                # and differ by 100% of it, while the finite differences carry far more noise. Only a
-                # method clearly further from the referee than the other is wrong.
-                if errors[worse] > _REFEREE_MARGIN * errors[better]:
-                    self.choice.failures[worse] = (
-                        f"disagrees with the other method (relative difference {difference:.2e}; "
-                        "finite differences of the gradient side with the other)"
-                    )
-                    warnings.warn(
-                        f"Hessian-vector product method {worse!r} gives wrong products for this model "
-                        f"and will not be used: {self.choice.failures[worse]}.",
-                        RuntimeWarning,
-                        stacklevel=6,
-                    )
-                    names.remove(worse)
-        return min(names, key=lambda n: seconds[n])
+                names = self._resolve(names, results, difference, referee)
+        if not judge:
+            if not names:
+                raise self._no_method_error()
+            return min(names, key=lambda n: seconds[n])
+        for name in sorted(names, key=lambda n: seconds[n]):
+            try:
+                verdict = referee.judge(results[name])
+            except Exception as error:  # noqa: BLE001 - no referee: keep the exact method, unverified
+                self.choice.referee[name] = f"unverified (gradient differences failed: {error})"
+                return name
+            self._record(name, verdict)
+            if not verdict.wrong:
+                return name
+            self.choice.failures[name] = f"wrong products ({verdict.describe()})"
+        return self._fall_back(referee)
+
+    def _resolve(
+        self, names: list[str], results: dict[str, Tensor], difference: float, referee: Referee
+    ) -> list[str]:
+        """Of two disagreeing candidates, drop the one clearly further from gradient differences."""
+        try:
+            reference = referee.product()
+        except Exception:  # noqa: BLE001 - no referee: both stay, the faster one is kept
+            return names
+        errors = {n: float((results[n] - reference).norm()) for n in names}
+        worse, better = sorted(names, key=errors.get, reverse=True)
+        # NOTE [Disagreement the referee cannot resolve]: where the product is (nearly) zero, e.g. a
+        # bias before a train-mode BatchNorm, both exact methods return rounding noise and differ by
+        # 100% of it, while the gradient differences carry far more noise. Only a method clearly
+        # further from the referee than the other is wrong (see NOTE [Referee verdicts]).
+        if errors[worse] <= REFEREE_MARGIN * errors[better]:
+            return names
+        self.choice.failures[worse] = (
+            f"disagrees with the other method (relative difference {difference:.2e}; "
+            "gradient differences side with the other)"
+        )
+        warnings.warn(
+            f"Hessian-vector product method {worse!r} gives wrong products for this model "
+            f"and will not be used: {self.choice.failures[worse]}.",
+            RuntimeWarning,
+            stacklevel=7,
+        )
+        return [better]
+
+    def _record(self, method: str, verdict: Verdict) -> None:
+        """Keep the referee's verdict on a method's first product in the choice."""
+        state = "wrong" if verdict.wrong else "agrees" if verdict.verified else "unverified"
+        self.choice.referee[method] = f"{state} ({verdict.describe()})"
+
+    def _fall_back(self, referee: Referee) -> str:
+        """Gradient differences, when no exact method works: one warning per model in a process.
+
+        Raises:
+            RuntimeError: If gradient differences fail too.
+        """
+        try:
+            referee.product()
+        except Exception as error:  # noqa: BLE001 - the last method failed too
+            self.choice.failures[FINITE_DIFFERENCE] = f"{type(error).__name__}: {error}"
+            raise self._no_method_error() from error
+        self.choice.seconds[FINITE_DIFFERENCE] = referee.seconds
+        causes = "; ".join(f"{k}: {v}" for k, v in self.choice.failures.items())
+        spread = self._report_spread(referee, FINITE_DIFFERENCE, None)
+        dtype = self.kernels.dtype
+        exclusion = _exclusion_advice(self.kernels.closure.model, self.kernels.space.names, generic=False)
+        self._warn_once(
+            "fallback",
+            f"No exact Hessian-vector product method works for this model ({causes}). hvp='auto' uses "
+            "gradient differences instead (hvp='finite-difference', two gradients per product): "
+            f"expect a relative error of about {expected_error(dtype):.0e} in {dtype} on a smooth "
+            f"model (their spread between two steps on the first product: {spread:.1e}). "
+            f"{_WRONG_CAUSE if 'wrong products' in causes else ''} "
+            f"{exclusion.replace('to analyse the rest', 'for exact products of the rest')}".strip(),
+        )
+        return FINITE_DIFFERENCE
+
+    def _report_spread(self, referee: Referee, method: str, forced: str | None) -> float:
+        """Measure gradient differences' spread between two steps; warn (once) when kinks show."""
+        try:
+            spread = referee.spread()
+        except Exception:  # noqa: BLE001 - a failing product raises on its own; nothing to report here
+            return math.nan
+        self.choice.referee[method] = f"spread between two steps {spread:.1e}"
+        expected = expected_error(self.kernels.dtype)
+        if spread > max(_KINK_SPREAD, 10 * expected):
+            self._warn_once(
+                "kinks",
+                f"Gradient differences{' (' + forced + ')' if forced else ''} change by {spread:.1e} "
+                f"(relative) between two steps on this model, far beyond the {expected:.0e} "
+                "of a smooth loss: the steps cross kinks (ReLU, max-pooling, ...), so products may be wrong "
+                "by that much. Compute in float64 (dtype=torch.float64), whose smaller steps cross fewer "
+                "kinks, or use an exact method where one works.",
+            )
+        return spread
+
+    def _warn_once(self, key: str, message: str) -> None:
+        said = _WARNED.setdefault(self.kernels.closure.model, set())
+        if key not in said:
+            said.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=7)
+
+    def _no_method_error(self) -> RuntimeError:
+        return RuntimeError(
+            "No Hessian-vector product method works for this model: "
+            + "; ".join(f"{k}: {v}" for k, v in self.choice.failures.items())
+            + ". "
+            + _exclusion_advice(self.kernels.closure.model, self.kernels.space.names)
+        )

@@ -5,12 +5,13 @@ The class is the public face: construction and checks, ``@``, :meth:`~HessianOpe
 and :meth:`~HessianOperator.to_dense`. Its jobs live apart: the product kernels and the graph cache
 (:mod:`.kernels`, :mod:`.graphs`), the measured method choice (:mod:`.selection`), cross-rank sums
 (:mod:`lightning_hessian.distributed`) and dense matrices (:mod:`lightning_hessian.dense`).
-The module is a little over 350 lines because half of it documents the public methods.
+Well over half of the module documents the public methods; their bodies delegate to those modules.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -299,18 +300,7 @@ class HessianOperator:
             step = self.space.unflatten(displacement.to(device=self.device, dtype=self.dtype))
             params = {n: p + step[n] for n, p in self._params.items()}
 
-        def local() -> Tensor:
-            total = torch.zeros(1, dtype=torch.float64, device=self.device)
-            for i in range(self.num_batches):
-                graph = self._graphs.kept(i) if displacement is None else None
-                if graph is None:
-                    with self.closure.context(), torch.no_grad():
-                        value = self.closure.batch_loss(params, i)
-                else:
-                    value = graph.loss
-                total += float(value) * self.closure.weight(i, self.num_samples)
-            return total
-
+        local = functools.partial(self._kernels.local_loss, params, use_graphs=displacement is None)
         return float(self.agreed_all_reduce(local, (1,), torch.float64, "The loss"))
 
     def gradient(self) -> Tensor:
@@ -325,21 +315,7 @@ class HessianOperator:
             >>> g = op.gradient()
             >>> curvature = float(g @ (op @ g)) / float(g @ g)  # doctest: +SKIP
         """
-
-        def local() -> Tensor:
-            if not all(self._graphs.kept(i) is not None for i in range(self.num_batches)):
-                return self._kernels.gradient(self._params)
-            total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-            for i in range(self.num_batches):
-                graph = self._graphs.kept(i)
-                flat = [
-                    torch.zeros_like(leaf).reshape(-1) if g is None else g.detach().reshape(-1)
-                    for leaf, g in zip(graph.leaves, graph.grads, strict=True)
-                ]
-                total += self.closure.weight(i, self.num_samples) * torch.cat(flat)
-            return total
-
-        return self.agreed_all_reduce(local, (self.shape[0],), what="The gradient")
+        return self.agreed_all_reduce(self._kernels.local_gradient, (self.shape[0],), what="The gradient")
 
     def for_batch(self, index: int) -> HessianOperator:
         """The Hessian of one local batch's loss alone, on this rank only (no reduction over ranks).

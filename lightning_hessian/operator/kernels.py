@@ -188,6 +188,36 @@ class ProductKernels:
                 ) from error
         return [result[n] for n in targets]
 
+    def local_loss(self, params: Mapping[str, Tensor], use_graphs: bool = True) -> Tensor:
+        """This rank's weighted loss ``[1]`` (float64) at ``params``; from the kept graphs if allowed."""
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for i in range(len(self.closure.batches)):
+            graph = self.graphs.kept(i) if use_graphs else None
+            if graph is None:
+                with self.closure.context(), torch.no_grad():
+                    value = self.closure.batch_loss(params, i)
+            else:
+                value = graph.loss
+            total += float(value) * self.closure.weight(i, self.num_samples)
+        return total
+
+    def local_gradient(self) -> Tensor:
+        """This rank's weighted gradient ``[N]`` at the kernels' parameters, from the kept graphs
+        where every batch has one, else one backward per batch (:meth:`gradient`).
+        """
+        batches = range(len(self.closure.batches))
+        if not all(self.graphs.kept(i) is not None for i in batches):
+            return self.gradient(self.params)
+        total = torch.zeros(self.space.numel, dtype=self.dtype, device=self.device)
+        for i in batches:
+            graph = self.graphs.kept(i)
+            flat = [
+                torch.zeros_like(leaf).reshape(-1) if g is None else g.detach().reshape(-1)
+                for leaf, g in zip(graph.leaves, graph.grads, strict=True)
+            ]
+            total += self.closure.weight(i, self.num_samples) * torch.cat(flat)
+        return total
+
     def gradient(self, params: Mapping[str, Tensor]) -> Tensor:
         """This rank's weighted gradient ``[N]`` of the loss at ``params`` (a plain backward pass)."""
         total = torch.zeros(self.space.numel, dtype=self.dtype, device=self.device)

@@ -1,10 +1,11 @@
 """``hvp="auto"``: choose the product method by measuring it on the model at hand.
 
 # NOTE [Cheap method choice]
-# The operator-wide choice runs each candidate once on the first vector (the winner's product is the
-# caller's result) and the winner's batched form once on the first chunk of several columns (its
-# products are the chunk's own), so choosing costs about one product of the slower method, plus the
-# referee's two gradients (about one product; two more when it must measure its own spread). Single
+# The operator-wide choice runs the candidates once on the first vector (the winner's product is the
+# caller's result; with cached graphs reverse-over-reverse alone, NOTE [Cached graph first]) and the
+# winner's batched form once on the first chunk of several columns (its products are the chunk's
+# own), so choosing costs the referee's two gradients (about one product; two more when it must
+# measure its own spread), plus one product of the slower method where both are timed. Single
 # timings are noisier than the best of several rounds; the choice is remembered per problem, and the
 # dense path, which spends thousands of products, still times each wide block's batched candidates.
 
@@ -255,11 +256,32 @@ class MethodSelector:
         if self.kernels.graphs.enabled:  # built now, not inside reverse-over-reverse's timing
             for index in range(len(self.kernels.closure.batches)):
                 self.kernels.graphs.get(index)
-        results, seconds = self._time_once(
-            rows, list(EXACT_METHODS), lambda name: self.kernels.products(rows, name, False, support, targets)
-        )
-        self.choice.seconds.update(seconds)
         referee = Referee(self.kernels, rows, support, targets)
+
+        def run(name: str) -> Tensor:
+            return self.kernels.products(rows, name, False, support, targets)
+
+        if self.kernels.graphs.enabled:
+            # NOTE [Cached graph first]: with every batch's first-order graph cached, one
+            # reverse-over-reverse product is one more backward through it, which no forward-mode
+            # product (a forward pass and a jvp through the backward) beats for a single vector: it
+            # ran 2.2-2.4 gradients against 3.7-6.0 in benchmarks/hvp.py. So it is tried alone
+            # first, and the other exact method only when it fails or the referee finds it wrong;
+            # timing both cost about three more products on the 141k CNN.
+            results, seconds = self._time_once(rows, [REVERSE], run)
+            self.choice.seconds.update(seconds)
+            if REVERSE in results:
+                verdict = self._judge(REVERSE, results[REVERSE], referee)
+                if verdict is None or not verdict.wrong:
+                    self._keep_vector(REVERSE, results[REVERSE], out)
+                    return
+                self.choice.failures[REVERSE] = f"wrong products ({verdict.describe()})"
+            self.kernels.graphs.release()
+            candidates = [name for name in EXACT_METHODS if name != REVERSE]
+        else:
+            candidates = list(EXACT_METHODS)
+        results, seconds = self._time_once(rows, candidates, run)
+        self.choice.seconds.update(seconds)
         self.choice.vector = self._pick(results, seconds, referee)
         if self.choice.vector == FINITE_DIFFERENCE:
             out.copy_(referee.product())
@@ -267,6 +289,21 @@ class MethodSelector:
             out.copy_(results[self.choice.vector])
         if self.choice.vector != REVERSE:
             self.kernels.graphs.release()
+        self._remember()
+
+    def _judge(self, name: str, product: Tensor, referee: Referee) -> Any:
+        """The referee's verdict on one candidate's product (recorded), or ``None`` without a referee."""
+        try:
+            verdict = referee.judge(product)
+        except Exception as error:  # noqa: BLE001 - no referee: the method stands, unverified
+            self.choice.referee[name] = f"unverified (gradient differences failed: {error})"
+            return None
+        self._record(name, verdict)
+        return verdict
+
+    def _keep_vector(self, name: str, product: Tensor, out: Tensor) -> None:
+        self.choice.vector = name
+        out.copy_(product)
         self._remember()
 
     def _check_forced(

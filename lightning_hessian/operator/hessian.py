@@ -60,9 +60,10 @@ class HessianOperator:
 
     Products are exact (Pearlmutter's trick): ``"reverse-over-reverse"`` differentiates each batch's
     cached gradient again; ``"forward-over-reverse"`` is ``torch.func.jvp`` of ``torch.func.grad``.
-    ``hvp="auto"`` times both on the first product (and both batched forms on the first product of
-    many columns), has gradient differences referee them, and keeps the fastest that works and is
-    right for the model at hand. Where neither is (a compiled module without double backward, a
+    ``hvp="auto"`` tries reverse-over-reverse alone on the first product where the first-order graphs
+    are cached (both methods otherwise, or when it fails), times the batched forms on the first
+    product of many columns, has gradient differences referee the method it keeps, and keeps the
+    fastest that works and is right for the model at hand. Where neither is (a compiled module without double backward, a
     custom ``autograd.Function`` without second derivatives), it falls back to gradient differences
     with one warning. ``"finite-difference"`` forces those: ``(g(θ + h v) - g(θ - h v)) / (2h)`` of two
     plain gradients, relative error about 1e-4 in float32 and 1e-10 in float64 on smooth models

@@ -12,7 +12,8 @@
   between two evaluations, about ``k / N`` for unrelated random spaces.
 
 Cost: one first-order pass per batch (the batch gradients, reused for the full gradient), one product
-of the full operator and one single-batch product per batch: about two products' worth in all.
+of the full operator and one single-batch product per batch: about two products' worth in all, one
+when all the data is one batch (full-batch training: the two products are the same).
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ def gradient_geometry(op: HessianOperator, eigenvectors: Tensor | None = None) -
     summed = op.agreed_all_reduce(local_batches, (n + 2,), what="The batch gradients")
     gradient, sharpness, batches = summed[:n], float(summed[n]), int(round(float(summed[n + 1])))
     squared = float(gradient @ gradient)
-    curvature = float(gradient @ (op @ gradient)) / squared if squared > 0 else 0.0
+    if batches == 1:  # one batch in all: g is g_b and H is H_b, so the curvature is that batch's
+        curvature, products = sharpness, 1.0
+    else:
+        curvature = float(gradient @ (op @ gradient)) / squared if squared > 0 else 0.0
+        products = 2.0  # the full product, and one single-batch product per batch
     alignment = None
     if eigenvectors is not None:
         basis = torch.linalg.qr(eigenvectors.to(device=op.device, dtype=op.dtype))[0]
@@ -78,7 +83,7 @@ def gradient_geometry(op: HessianOperator, eigenvectors: Tensor | None = None) -
         curvature=curvature,
         batch_sharpness=sharpness / max(1, batches),
         num_batches=batches,
-        num_matvecs=2.0,  # the full product, and one single-batch product per batch
+        num_matvecs=products,
     )
 
 

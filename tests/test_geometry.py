@@ -128,3 +128,13 @@ def test_overlap_of_two_evaluations_of_the_same_state_is_one():
     )
     assert second.blocks["model"].eigenvector_overlap == pytest.approx(1.0, abs=1e-6)
     assert second.scalars()["hessian/model/eigenvector_overlap"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_with_one_batch_the_curvature_is_the_batch_sharpness_for_one_product():
+    model, data = _problem(1)
+    op = lh.HessianOperator(model, cross_entropy_loss, data)
+    dense, gradient = reference_hessian(model, cross_entropy_loss, data), _gradient(model, data)
+    geometry = lh.gradient_geometry(op)
+    expected = float(gradient @ dense @ gradient / (gradient @ gradient))
+    assert geometry.curvature == geometry.batch_sharpness == pytest.approx(expected, rel=1e-10)
+    assert geometry.num_batches == 1 and geometry.num_matvecs == 1.0

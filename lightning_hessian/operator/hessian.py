@@ -25,6 +25,7 @@ from ..dense import dense_from_operator
 from ..distributed import agree_on_failure, all_reduce_or_raise, resolve_process_group
 from ..memory import available_memory
 from ..parameters import ParameterSpace, Patterns, select_parameters
+from ..sharded import refuse_sharded_parameters
 from ..validation import check_choice, check_optional_int
 from .graphs import GraphCache
 from .kernels import FORWARD, REVERSE, ProductKernels
@@ -115,6 +116,7 @@ class HessianOperator:
             raise ValueError("`data` is required: an iterable of batches (a list or a DataLoader).")
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        refuse_sharded_parameters(model, "HessianOperator")
         selected = select_parameters(model, params)
         closure = LossClosure(
             model, loss_fn, data, mode=mode, dtype=dtype, batch_size_fn=batch_size_fn, reduction=reduction

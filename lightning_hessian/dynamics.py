@@ -64,7 +64,7 @@ def block_dynamics(
         block.gradient_geometry = gradient_geometry(op, vectors)
         block.num_matvecs += block.gradient_geometry.num_matvecs
     if previous is not None and vectors is not None and previous.shape[0] == vectors.shape[0]:
-        block.eigenvector_overlap = eigenspace_overlap(previous, vectors, op)
+        block.eigenvector_overlap = eigenspace_overlap(previous, vectors, op=op)
     if settings.landscape and vectors is not None:
         directions = {f"v{i + 1}": vectors[:, i] for i in range(min(2, vectors.shape[1]))}
         gradient = op.gradient()

@@ -107,7 +107,7 @@ def _geometry(
     )
 
 
-def eigenspace_overlap(previous: Tensor, current: Tensor, op: Any = None) -> float:
+def eigenspace_overlap(previous: Tensor, current: Tensor, *, op: Any = None) -> float:
     """How much of the current top eigenspace the previous one held: ``||P̂ᵀ Ĉ||_F² / k``.
 
     Both bases are orthonormalized first, so any basis of the same space gives the same value.

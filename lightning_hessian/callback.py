@@ -138,8 +138,9 @@ class HessianCallback(Callback):
     run's schedule. Setup mistakes stop ``fit`` before training with a
     ``MisconfigurationException`` naming the fix: ``params=``/``blocks=`` patterns that match no
     parameter, ``data="val"`` without a validation dataloader, manual optimization without
-    ``loss_fn``, a parameter-sharding strategy, a training batch whose size cannot be told. A
-    schedule that cannot fire within ``max_epochs``/``max_steps`` is a warning.
+    ``loss_fn``, ``FSDPStrategy``/``DeepSpeedStrategy`` or tensor parallelism (FSDP2 under
+    ``ModelParallelStrategy`` is supported: README, "Sharded models"), a training batch whose size
+    cannot be told. A schedule that cannot fire within ``max_epochs``/``max_steps`` is a warning.
 
     With the default loss (the module's ``training_step``) the evaluations run ``training_step``
     again, many times. The callback undoes what that does to the module: ``self.log`` is silenced, and

@@ -10,9 +10,10 @@ and no rank ever holds the whole vector.
 - :class:`ShardLayout` (no communication, so testable on one process): which global entries a rank
   holds, and random probes drawn so that the *global* probe is the same whatever the number of ranks:
   each parameter's full ``[numel, m]`` block is drawn in turn from the seeded generator, and the rank
-  keeps its rows (memory: one parameter tensor at a time, never ``N``). These probes are not those of
-  an unsharded :class:`~lightning_hessian.HessianOperator` with the same seed, which draws all ``N``
-  rows in one call.
+  keeps its rows (memory: one parameter tensor at a time, never ``N``). On CPU (torch 2.13) the
+  Rademacher probes are even those of an unsharded :class:`~lightning_hessian.HessianOperator` with the
+  same seed, which draws all ``N`` rows in one call (``bernoulli_`` consumes the generator entry by
+  entry); the Gaussian ones (Krylov restarts, XTrace) are not (``randn`` draws in vectorized blocks).
 - :class:`ShardedVectors`: the layout on a process group: contractions ``a.T @ b`` summed over ranks,
   QR of a tall ``[n_local, s]`` block (TSQR: local QR, then QR of the stacked ``R`` factors), and
   agreement on yes/no decisions, so that every rank takes the same branch of an estimator.

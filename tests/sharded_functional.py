@@ -186,6 +186,11 @@ def worker(rank: int, port: int, outdir: str) -> None:
     finally:
         torch.save(result, Path(outdir) / f"rank{rank}.pt")
         dist.destroy_process_group()
+    # Skip the interpreter's teardown, where gloo occasionally aborts after the group is destroyed
+    # (std::terminate; seen with benchmarks/sharded.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:

@@ -25,7 +25,8 @@ from .parameters import BlocksSpec, Patterns, resolve_blocks
 from .probes import make_generator, rademacher
 from .results import BlockReport, EigenResult, HessianReport, SpectralDensity, TraceResult
 from .settings import AnalysisSettings
-from .sharded import ShardedHessianOperator, has_sharded_parameters
+from .sharded import ShardedHessianOperator
+from .shards import has_sharded_parameters
 from .shared_space import MIN_DENSITY_STEPS, shared_space_estimates
 from .trace import trace as estimate_trace
 from .validation import check_callable

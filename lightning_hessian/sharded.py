@@ -32,7 +32,7 @@ from .distributed import agree_on_failure, all_reduce_or_raise
 from .errors import NonFiniteHessianError
 from .fsdp import ShardedRunner, fsdp_modules
 from .parameters import ParameterSpace, Patterns, select_parameters
-from .shards import ShardedVectors, ShardLayout
+from .shards import ShardedVectors, ShardLayout, dtensor_class
 from .validation import check_choice
 
 #: ``hvp=`` values a sharded operator takes: products are always gradient differences.
@@ -81,47 +81,9 @@ def difference_step(dtype: torch.dtype, lengths: Sequence[float], direction_norm
     return (3 * unit_roundoff(dtype)) ** (1 / 3) / 2 * min(ratios)
 
 
-def _dtensor_class() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed support
-        return None
-    return DTensor
-
-
-def has_sharded_parameters(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallelism).
-
-    Example:
-        >>> has_sharded_parameters(nn.Linear(2, 2))
-        False
-    """
-    dtensor = _dtensor_class()
-    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
-
-
-def refuse_sharded_parameters(model: nn.Module, what: str) -> None:
-    """Refuse a sharded model where every parameter must be whole on this process.
-
-    Args:
-        model: The module.
-        what: What needs whole parameters (for the message).
-
-    Raises:
-        ValueError: If a parameter is a ``DTensor``, naming the sharded alternatives.
-    """
-    if has_sharded_parameters(model):
-        raise ValueError(
-            f"{what} needs every parameter whole on this process, but {type(model).__name__}'s "
-            "parameters are sharded (DTensor, e.g. FSDP2's fully_shard). Use lh.analyze (method="
-            "'iterative') or lh.ShardedHessianOperator, whose vectors are each rank's shards; dense "
-            "Hessians of a sharded model are not computed (an N x N matrix on every rank)."
-        )
-
-
 def _check_sharding(selected: dict[str, nn.Parameter]) -> Any:
     """The 1-D device mesh every selected parameter is sharded on (dimension 0); raise otherwise."""
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     meshes = []
     for name, p in selected.items():
         if dtensor is None or not isinstance(p, dtensor):

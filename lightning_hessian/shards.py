@@ -18,7 +18,9 @@ and no rank ever holds the whole vector.
   QR of a tall ``[n_local, s]`` block (TSQR: local QR, then QR of the stacked ``R`` factors), and
   agreement on yes/no decisions, so that every rank takes the same branch of an estimator.
 
-Estimators reach these through :mod:`lightning_hessian.contractions`.
+Estimators reach these through :mod:`lightning_hessian.contractions`. :func:`has_sharded_parameters`
+tells a sharded model (``DTensor`` parameters) apart, and :func:`refuse_sharded_parameters` stops the
+paths that need whole parameters (``HessianOperator``, dense Hessians) with a message.
 """
 
 from __future__ import annotations
@@ -30,13 +32,52 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from .distributed import reduce_device
 from .probes import rademacher
 
 #: Kinds of random probes: random signs (Hutchinson, SLQ) and standard normal entries (restarts, XTrace).
 PROBE_KINDS = ("rademacher", "gaussian")
+
+
+def dtensor_class() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or ``None`` where this torch has no distributed support."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return None
+    return DTensor
+
+
+def has_sharded_parameters(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallelism).
+
+    Example:
+        >>> has_sharded_parameters(nn.Linear(2, 2))
+        False
+    """
+    dtensor = dtensor_class()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
+
+
+def refuse_sharded_parameters(model: nn.Module, what: str) -> None:
+    """Refuse a sharded model where every parameter must be whole on this process.
+
+    Args:
+        model: The module.
+        what: What needs whole parameters (for the message).
+
+    Raises:
+        ValueError: If a parameter is a ``DTensor``, naming the sharded alternatives.
+    """
+    if has_sharded_parameters(model):
+        raise ValueError(
+            f"{what} needs every parameter whole on this process, but {type(model).__name__}'s "
+            "parameters are sharded (DTensor, e.g. FSDP2's fully_shard). Use lh.analyze (method="
+            "'iterative') or lh.ShardedHessianOperator, whose vectors are each rank's shards; dense "
+            "Hessians of a sharded model are not computed (an N x N matrix on every rank)."
+        )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ Scenarios:
     union: two epochs, an evaluation after each, blocks="module", tight tolerances and the exact trace;
         the test compares the last one with single-process ``analyze`` of the unsharded model on the
         union of both ranks' batches.
+    plain: the same training without the callback (its weights must be bit-identical to union's).
     failures: three epochs with the callback's defaults; rank 1's loss is NaN at the first evaluation
         and raises in the middle of the sharded forward (after the first layer's all-gather) at the
         second; the third succeeds; ``on_error="warn"``.
@@ -128,7 +129,7 @@ def run(scenario: str, outdir: Path) -> None:
 
     import lightning_hessian as lh
 
-    if scenario == "union":
+    if scenario in ("union", "plain"):
         callback = lh.HessianCallback(every_n_epochs=1, num_batches=NUM_BATCHES, **callback_kwargs())
         epochs = 2
     elif scenario == "failures":
@@ -145,7 +146,7 @@ def run(scenario: str, outdir: Path) -> None:
         max_epochs=epochs,
         use_distributed_sampler=False,
         logger=False,
-        callbacks=[callback],
+        callbacks=[] if scenario == "plain" else [callback],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -167,7 +168,7 @@ def run(scenario: str, outdir: Path) -> None:
             "history": callback.history,
             "sharded": all(isinstance(p, DTensor) for p in module.parameters()),
         }
-        if scenario == "union" and outcome == "finished":
+        if scenario in ("union", "plain") and outcome == "finished":
             result["state_dict"] = {  # full_tensor() gathers: every rank calls it
                 k: v.full_tensor() if isinstance(v, DTensor) else v.detach().clone()
                 for k, v in module.state_dict().items()

@@ -16,8 +16,8 @@ import lightning_hessian as lh
 from lightning_hessian import contractions
 from lightning_hessian.linear_operator import MatrixOperator
 from lightning_hessian.probes import make_generator, rademacher
-from lightning_hessian.sharded import ShardedHessianOperator, difference_step, has_sharded_parameters
-from lightning_hessian.shards import ShardedVectors, ShardLayout, shard_rows
+from lightning_hessian.sharded import ShardedHessianOperator, difference_step
+from lightning_hessian.shards import ShardedVectors, ShardLayout, has_sharded_parameters, shard_rows
 
 SHAPES = {"a.weight": torch.Size([7, 5]), "a.bias": torch.Size([7]), "b.weight": torch.Size([1, 7])}
 

@@ -114,10 +114,17 @@ def test_failures_on_one_rank_raise_on_both_at_the_same_point(functional) -> Non
     assert rank0["after_nan"] == rank1["after_nan"] and math.isfinite(rank0["after_nan"])  # then it works
 
 
-def test_model_parallel_callback_logs_the_unsharded_models_curvature_on_the_union(tmp_path: Path) -> None:
-    process = _launch("sharded_scenarios.py", "union", str(tmp_path))
-    rank0, rank1 = _results(tmp_path)
-    assert process.returncode == 0 and rank0 and rank1, process.stderr[-4000:]
+@pytest.fixture(scope="module")
+def union_run(tmp_path_factory) -> list[dict[str, Any]]:
+    outdir = tmp_path_factory.mktemp("sharded_union")
+    process = _launch("sharded_scenarios.py", "union", str(outdir))
+    results = _results(outdir)
+    assert process.returncode == 0 and all(results), process.stderr[-4000:]
+    return results
+
+
+def test_model_parallel_callback_logs_the_unsharded_models_curvature_on_the_union(union_run) -> None:
+    rank0, rank1 = union_run
     assert rank0["outcome"] == rank1["outcome"] == "finished"
     assert rank0["sharded"] and rank1["sharded"]  # the parameters were DTensors
 
@@ -141,6 +148,17 @@ def test_model_parallel_callback_logs_the_unsharded_models_curvature_on_the_unio
         for block in ("net.0", "net.2"):  # from the second evaluation on
             assert 0.0 <= result["metrics"][f"hessian/{block}/eigenvector_overlap"] <= 1.0
     assert rank0["metrics"] == rank1["metrics"]  # identical on every rank
+
+
+def test_model_parallel_training_is_bit_identical_with_and_without_the_callback(union_run, tmp_path) -> None:
+    process = _launch("sharded_scenarios.py", "plain", str(tmp_path))
+    plain = _results(tmp_path)[0]
+    assert process.returncode == 0 and plain, process.stderr[-4000:]
+    evaluated = union_run[0]
+    assert len(evaluated["history"]) == 2 and not plain["history"]
+    assert plain["state_dict"].keys() == evaluated["state_dict"].keys()
+    for name, value in plain["state_dict"].items():
+        assert torch.equal(value, evaluated["state_dict"][name]), name
 
 
 def test_model_parallel_failure_on_one_rank_is_skipped_on_both_and_training_finishes(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from ..dense import dense_from_operator
 from ..distributed import agree_on_failure, all_reduce_or_raise, resolve_process_group
 from ..memory import available_memory
 from ..parameters import ParameterSpace, Patterns, select_parameters
-from ..sharded import refuse_sharded_parameters
+from ..shards import refuse_sharded_parameters
 from ..validation import check_choice, check_optional_int
 from .graphs import GraphCache
 from .kernels import FORWARD, REVERSE, ProductKernels

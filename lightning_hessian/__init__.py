@@ -27,6 +27,7 @@ from .results import (
     StabilityResult,
     TraceResult,
 )
+from .sharded import ShardedHessianOperator
 from .stability import stability
 from .trace import trace
 
@@ -45,6 +46,7 @@ __all__ = [
     "MatrixOperator",
     "NonFiniteHessianError",
     "ParameterSpace",
+    "ShardedHessianOperator",
     "SpectralDensity",
     "StabilityResult",
     "SymmetricOperator",

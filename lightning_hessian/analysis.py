@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .batches import BatchSizeFn
 from .closure import LossFn
+from .contractions import local_rows
 from .dense import agreed_dense_check, dense_from_operator
 from .density import spectral_density
 from .dynamics import block_dynamics, wants_eigenvectors
@@ -24,6 +25,8 @@ from .parameters import BlocksSpec, Patterns, resolve_blocks
 from .probes import make_generator, rademacher
 from .results import BlockReport, EigenResult, HessianReport, SpectralDensity, TraceResult
 from .settings import AnalysisSettings
+from .sharded import ShardedHessianOperator
+from .shards import has_sharded_parameters
 from .shared_space import MIN_DENSITY_STEPS, shared_space_estimates
 from .trace import trace as estimate_trace
 from .validation import check_callable
@@ -40,6 +43,7 @@ class _CountingOperator:
     shape = property(lambda self: self.op.shape)
     dtype = property(lambda self: self.op.dtype)
     device = property(lambda self: self.op.device)
+    shards = property(lambda self: getattr(self.op, "shards", None))  # sharded vectors, if any
 
     def __matmul__(self, other: Tensor) -> Tensor:
         out = self.op @ other
@@ -129,7 +133,9 @@ def _shared_block(
         max_steps=settings.density_steps,
         trace_probes=settings.trace_matvecs,
         seed=settings.seed,
-        start_vectors=start_vectors if start_vectors is not None and start_vectors.shape[0] == n else None,
+        start_vectors=start_vectors
+        if start_vectors is not None and start_vectors.shape[0] == local_rows(op)
+        else None,
         keep_vectors=settings.keep_vectors,
         return_vectors=settings.eigenvectors,
     )
@@ -254,7 +260,9 @@ def analyze(
         min_eigenvalue: Also compute the smallest eigenvalue.
         trace: Compute the trace.
         density: Compute the eigenvalue density.
-        method: ``"auto"``, ``"dense"`` (every block exactly) or ``"iterative"``.
+        method: ``"auto"``, ``"dense"`` (every block exactly) or ``"iterative"``. For a sharded model
+            (FSDP2, see :class:`~lightning_hessian.sharded.ShardedHessianOperator`) ``"auto"`` estimates
+            every block iteratively and ``"dense"`` is refused.
         dense_limit: Largest block computed densely under ``"auto"``.
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype, e.g. ``torch.float64`` (float32 rounding: see NOTE [Float32 Hessians] in
@@ -383,7 +391,14 @@ def analyze_with(
     if wants_eigenvectors(settings, previous_vectors) and not settings.eigenvectors:
         settings = dataclasses.replace(settings, eigenvectors=True)
     started = time.perf_counter()
-    op = HessianOperator(
+    sharded = has_sharded_parameters(model)
+    if sharded and settings.method == "dense":
+        raise ValueError(
+            "`method='dense'` is refused for a sharded model (FSDP2): a dense Hessian is an N x N matrix "
+            "on every rank. Use method='auto' or 'iterative' (for small blocks the iterative estimates "
+            "span the whole block and are exact to the products' accuracy)."
+        )
+    op = (ShardedHessianOperator if sharded else HessianOperator)(
         model,
         loss_fn,
         data,
@@ -400,7 +415,8 @@ def analyze_with(
     dense = {
         name
         for name, n in sizes.items()
-        if settings.method == "dense" or (settings.method == "auto" and n <= settings.dense_limit)
+        if not sharded
+        and (settings.method == "dense" or (settings.method == "auto" and n <= settings.dense_limit))
     }
     if settings.method == "dense":
         agreed_dense_check(op, sizes.values())
@@ -410,6 +426,7 @@ def analyze_with(
         and len(iterative) > 1
         and settings.trace_method != "exact"
         and settings.krylov == "separate"
+        and not sharded  # each sharded block estimates its own trace
     )
     tracker = _Progress(progress, _planned_products(sizes, dense, settings))
     report = HessianReport(loss=op.loss(), num_samples=op.num_samples)

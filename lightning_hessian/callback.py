@@ -51,10 +51,11 @@ if TYPE_CHECKING:
 ON_ERROR = ("warn", "raise")
 #: The analysis settings a monitor can afford (see the class docstring); ``analyze_kwargs`` overrides them.
 MONITORING_DEFAULTS = {"krylov": "shared", "tol": 1e-3, "trace_matvecs": 16}
-# Strategies that shard parameters across ranks: each rank holds a slice, so the operator's
-# "same parameters on every rank, products summed over ranks" model does not apply. By class name,
-# so that no optional dependency (deepspeed) is imported.
-SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+# Strategies that shard parameters across ranks and are refused: FSDP (1) and DeepSpeed need a GPU in
+# Lightning, so their sharded path could not be tested here; ModelParallelStrategy with FSDP2 is
+# supported (lightning_hessian.sharded). By class name, so that no optional dependency is imported.
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
+MODEL_PARALLEL_STRATEGY = "ModelParallelStrategy"
 
 
 # Callback arguments that `analyze_kwargs` may still carry (they were settings before they were arguments).
@@ -85,9 +86,21 @@ class _AgreedFailure(Exception):
 
 
 def _sharded_strategy(strategy: Any) -> str | None:
-    """The name of the parameter-sharding strategy class ``strategy`` is (or derives from), else None."""
+    """The name of the refused parameter-sharding strategy class ``strategy`` is (or derives from)."""
     names = {cls.__name__ for cls in type(strategy).__mro__}
     return next((name for name in SHARDED_STRATEGIES if name in names), None)
+
+
+def _tensor_parallel_size(strategy: Any) -> int:
+    """The tensor-parallel size of a ``ModelParallelStrategy`` (1 when it is not one, or not set up yet)."""
+    if MODEL_PARALLEL_STRATEGY not in {cls.__name__ for cls in type(strategy).__mro__}:
+        return 1
+    try:
+        mesh = strategy.device_mesh  # set up in setup_environment, before the callbacks' setup
+    except Exception:  # noqa: BLE001 - not set up yet: the operator checks the parameters' mesh
+        return 1
+    names = mesh.mesh_dim_names or ()
+    return int(mesh["tensor_parallel"].size()) if "tensor_parallel" in names else 1
 
 
 def _setting(name: str) -> property:
@@ -125,8 +138,9 @@ class HessianCallback(Callback):
     run's schedule. Setup mistakes stop ``fit`` before training with a
     ``MisconfigurationException`` naming the fix: ``params=``/``blocks=`` patterns that match no
     parameter, ``data="val"`` without a validation dataloader, manual optimization without
-    ``loss_fn``, a parameter-sharding strategy, a training batch whose size cannot be told. A
-    schedule that cannot fire within ``max_epochs``/``max_steps`` is a warning.
+    ``loss_fn``, ``FSDPStrategy``/``DeepSpeedStrategy`` or tensor parallelism (FSDP2 under
+    ``ModelParallelStrategy`` is supported: README, "Sharded models"), a training batch whose size
+    cannot be told. A schedule that cannot fire within ``max_epochs``/``max_steps`` is a warning.
 
     With the default loss (the module's ``training_step``) the evaluations run ``training_step``
     again, many times. The callback undoes what that does to the module: ``self.log`` is silenced, and
@@ -412,12 +426,15 @@ class HessianCallback(Callback):
 
     # ------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Reject sharded strategies and a manual-optimization module without ``loss_fn``; resolve
-        the report folder.
+        """Reject unsupported sharded strategies and a manual-optimization module without ``loss_fn``;
+        resolve the report folder.
+
+        ``ModelParallelStrategy`` with FSDP2's ``fully_shard`` (data parallel, ``tensor_parallel_size=1``)
+        is supported: the Hessian is then computed on each rank's shards (README, "Sharded models").
 
         Raises:
-            MisconfigurationException: For a strategy that shards parameters (FSDP, DeepSpeed,
-                ModelParallel), or manual optimization without ``loss_fn``.
+            MisconfigurationException: For ``FSDPStrategy`` or ``DeepSpeedStrategy``, tensor
+                parallelism, or manual optimization without ``loss_fn``.
         """
         if stage != "fit":
             return
@@ -426,10 +443,16 @@ class HessianCallback(Callback):
         if sharded is not None:
             raise MisconfigurationException(
                 f"HessianCallback does not support {sharded}: it shards the parameters across ranks, "
-                "while the Hessian operator needs every parameter on every rank (it sums each rank's "
-                "Hessian-vector products over the ranks' batches). Use a data-parallel strategy "
-                "(strategy='ddp' or 'ddp_spawn'), or compute the Hessian of a parameter subset "
-                "outside training on a single process with lightning_hessian.analyze."
+                "and its sharded path needs a GPU in Lightning, where it is untested. Shard with FSDP2 "
+                "under strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) and "
+                "fully_shard in configure_model (runs on CPU too), or use a data-parallel strategy "
+                "(strategy='ddp' or 'ddp_spawn')."
+            )
+        if _tensor_parallel_size(trainer.strategy) > 1:
+            raise MisconfigurationException(
+                "HessianCallback supports ModelParallelStrategy for FSDP2 data parallelism only, not "
+                "tensor parallelism: pass ModelParallelStrategy(data_parallel_size=N, "
+                "tensor_parallel_size=1) and fully_shard the model in configure_model."
             )
         if self.loss_fn is None and not pl_module.automatic_optimization:
             raise MisconfigurationException(

@@ -268,6 +268,27 @@ class LossClosure:
             )
         return loss.reshape(())
 
+    def module_loss(self, index: int) -> Tensor:
+        """Loss of batch ``index`` at the module's own parameters, through its own forward (call
+        inside :meth:`context`).
+
+        For modules that manage their parameters themselves, such as FSDP2's sharded modules, which
+        all-gather them in forward: nothing is swapped in (see :meth:`batch_loss` for that).
+
+        Raises:
+            ValueError: If the loss is not a scalar.
+        """
+        if self.mode == "train":
+            torch.manual_seed(_TRAIN_MODE_SEED + self.batch_offset + index)
+        loss = self._wrapper(self.batches[index], self.batch_offset + index)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"`loss_fn` must return a scalar tensor, got {shape}. Reduce it, e.g. with "
+                "reduction='mean' in the loss function."
+            )
+        return loss.reshape(())
+
     def subset(self, index: int) -> LossClosure:
         """A closure over batch ``index`` alone (same model, loss and settings; mean reduction).
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .contractions import is_sharded, local_rows, random_signs
 from .krylov import KrylovBasis
 from .linear_operator import SymmetricOperator, dense_matrix, operator_size
-from .probes import make_generator, rademacher
+from .probes import make_generator
 from .results import SpectralDensity
 from .validation import check_int
 
@@ -59,7 +60,7 @@ def _block_quadrature(
         ``(nodes, weights, num_matvecs)``: the Ritz values of the block Krylov space and, for each,
         the mean over probes of its squared coordinate on the probe (weights sum to 1).
     """
-    n, p = probes.shape
+    n, p = operator_size(op), probes.shape[1]
     krylov = KrylovBasis(op, n, min(n, p * num_steps), generator)
     kept = krylov.start(probes)
     for _ in range(num_steps):
@@ -90,7 +91,8 @@ def spectral_density(
         op: Symmetric operator with ``shape (N, N)``, ``dtype``, ``device`` and ``op @ V``.
         num_probes: Random Rademacher probes (more: less variance, and more Ritz values).
         num_steps: Block Lanczos steps (more: finer resolution; ``>= N`` gives the exact spectrum
-            from the dense matrix).
+            from the dense matrix, except for an operator with sharded vectors, which has no dense
+            matrix: its block quadrature then spans the whole space, so its nodes are exact).
         seed: Seed of the private random generator for the probes.
 
     Returns:
@@ -112,12 +114,12 @@ def spectral_density(
     num_probes = check_int("num_probes", num_probes, 1, "Use at least one random probe.")
     num_steps = check_int("num_steps", num_steps, 1, "Use at least one Lanczos step.")
     gen = make_generator(op.device, seed)
-    if num_steps >= n:
+    if num_steps >= n and not is_sharded(op):
         return _exact_density(op)
     dtype = op.dtype if op.dtype.is_floating_point else torch.float32
     itemsize = torch.empty((), dtype=dtype).element_size()
-    group = max(1, min(num_probes, BASIS_BYTES // max(1, n * num_steps * itemsize)))
-    probes = rademacher(n, num_probes, gen, dtype, op.device)
+    group = max(1, min(num_probes, BASIS_BYTES // max(1, local_rows(op) * num_steps * itemsize)))
+    probes = random_signs(op, n, num_probes, gen, dtype, op.device)
     nodes, weights, used = [], [], 0
     for first in range(0, num_probes, group):
         block = probes[:, first : first + group]

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .contractions import norm
 from .geometry import eigenspace_overlap, gradient_geometry
 from .landscape import loss_landscape
 from .operator import HessianOperator
@@ -63,11 +64,11 @@ def block_dynamics(
         block.gradient_geometry = gradient_geometry(op, vectors)
         block.num_matvecs += block.gradient_geometry.num_matvecs
     if previous is not None and vectors is not None and previous.shape[0] == vectors.shape[0]:
-        block.eigenvector_overlap = eigenspace_overlap(previous, vectors)
+        block.eigenvector_overlap = eigenspace_overlap(previous, vectors, op=op)
     if settings.landscape and vectors is not None:
         directions = {f"v{i + 1}": vectors[:, i] for i in range(min(2, vectors.shape[1]))}
         gradient = op.gradient()
-        if float(gradient.norm()) > 0:
+        if float(norm(op, gradient)) > 0:
             directions["gradient"] = gradient
         block.landscape = loss_landscape(op, directions, num_points=settings.landscape_points)
         block.num_matvecs += len(directions)

@@ -18,9 +18,12 @@ when all the data is one batch (full-batch training: the two products are the sa
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from .contractions import dot, inner, is_sharded, local_rows, orthonormalize
 from .operator import HessianOperator
 from .results import GradientGeometry
 
@@ -29,7 +32,10 @@ def gradient_geometry(op: HessianOperator, eigenvectors: Tensor | None = None) -
     """Gradient alignment with the top eigenspace, curvature along the gradient and batch sharpness.
 
     Under ``torch.distributed`` the gradient and the product are those of the loss over all ranks,
-    and the batch sharpness averages over every rank's batches.
+    and the batch sharpness averages over every rank's batches. For a sharded operator
+    (:class:`~lightning_hessian.sharded.ShardedHessianOperator`) ``eigenvectors`` are this rank's
+    rows, and each batch's sharpness takes passes of its own
+    (:meth:`~lightning_hessian.sharded.ShardedHessianOperator.batch_sharpness`).
 
     Args:
         op: The Hessian operator (of the whole model or of one block, :meth:`HessianOperator.restrict`).
@@ -48,8 +54,14 @@ def gradient_geometry(op: HessianOperator, eigenvectors: Tensor | None = None) -
         >>> geometry.alignment, geometry.curvature, geometry.batch_sharpness  # doctest: +SKIP
     """
     n = op.shape[0]
-    if eigenvectors is not None and (eigenvectors.ndim != 2 or eigenvectors.shape[0] != n):
-        raise ValueError(f"`eigenvectors` must be [N={n}, k], got {tuple(eigenvectors.shape)}.")
+    rows = local_rows(op)
+    if eigenvectors is not None and (eigenvectors.ndim != 2 or eigenvectors.shape[0] != rows):
+        raise ValueError(f"`eigenvectors` must be [N={rows}, k], got {tuple(eigenvectors.shape)}.")
+    if is_sharded(op):
+        gradient = op.gradient()
+        sharpness, batches = op.batch_sharpness()
+        matvecs = 1.0 + batches * 1.5 / max(1, op.num_batches)  # a batch pass: 1/B of a full one
+        return _geometry(op, gradient, sharpness, batches, eigenvectors, matvecs)
 
     def local_batches() -> Tensor:
         """[N + 2]: this rank's weighted gradient, summed batch sharpness and batch count."""
@@ -67,27 +79,39 @@ def gradient_geometry(op: HessianOperator, eigenvectors: Tensor | None = None) -
 
     summed = op.agreed_all_reduce(local_batches, (n + 2,), what="The batch gradients")
     gradient, sharpness, batches = summed[:n], float(summed[n]), int(round(float(summed[n + 1])))
-    squared = float(gradient @ gradient)
+    # 2.0: the full product, and one single-batch product per batch
+    return _geometry(op, gradient, sharpness, batches, eigenvectors, 2.0)
+
+
+def _geometry(
+    op: HessianOperator,
+    gradient: Tensor,
+    sharpness: float,
+    batches: int,
+    eigenvectors: Tensor | None,
+    matvecs: float,
+) -> GradientGeometry:
+    """Alignment and curvature from the gradient; the result with the batch sharpness."""
+    squared = float(dot(op, gradient, gradient))
     if batches == 1:  # one batch in all: g is g_b and H is H_b, so the curvature is that batch's
-        curvature, products = sharpness, 1.0
+        curvature, matvecs = sharpness, 1.0
     else:
-        curvature = float(gradient @ (op @ gradient)) / squared if squared > 0 else 0.0
-        products = 2.0  # the full product, and one single-batch product per batch
+        curvature = float(dot(op, gradient, op @ gradient)) / squared if squared > 0 else 0.0
     alignment = None
     if eigenvectors is not None:
-        basis = torch.linalg.qr(eigenvectors.to(device=op.device, dtype=op.dtype))[0]
-        alignment = float((basis.T @ gradient).square().sum()) / squared if squared > 0 else 0.0
+        basis = orthonormalize(op, eigenvectors.to(device=op.device, dtype=op.dtype))[0]
+        alignment = float(inner(op, basis, gradient).square().sum()) / squared if squared > 0 else 0.0
     return GradientGeometry(
         gradient_norm=squared**0.5,
         alignment=alignment,
         curvature=curvature,
         batch_sharpness=sharpness / max(1, batches),
         num_batches=batches,
-        num_matvecs=products,
+        num_matvecs=matvecs,
     )
 
 
-def eigenspace_overlap(previous: Tensor, current: Tensor) -> float:
+def eigenspace_overlap(previous: Tensor, current: Tensor, *, op: Any = None) -> float:
     """How much of the current top eigenspace the previous one held: ``||P̂ᵀ Ĉ||_F² / k``.
 
     Both bases are orthonormalized first, so any basis of the same space gives the same value.
@@ -95,6 +119,8 @@ def eigenspace_overlap(previous: Tensor, current: Tensor) -> float:
     Args:
         previous: ``[N, k_prev]`` eigenvectors of the previous evaluation.
         current: ``[N, k]`` eigenvectors of this one.
+        op: The operator the vectors belong to, needed only when they are sharded (this rank's rows
+            of them, :class:`~lightning_hessian.sharded.ShardedHessianOperator`).
 
     Returns:
         A value in ``[0, 1]``: 1 for the same space, 0 for orthogonal spaces (``k`` is the larger of the
@@ -114,6 +140,11 @@ def eigenspace_overlap(previous: Tensor, current: Tensor) -> float:
             f"{tuple(current.shape)}."
         )
     dtype = torch.promote_types(torch.promote_types(previous.dtype, current.dtype), torch.float32)
+    if op is not None and is_sharded(op):
+        p = orthonormalize(op, previous.to(device=current.device, dtype=dtype))[0]
+        c = orthonormalize(op, current.to(dtype))[0]
+        k = max(previous.shape[1], current.shape[1])
+        return min(1.0, float(inner(op, p, c).square().sum()) / k)
     p = torch.linalg.qr(previous.to(device=current.device, dtype=dtype))[0]
     c = torch.linalg.qr(current.to(dtype))[0]
     k = max(p.shape[1], c.shape[1])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .contractions import column_norms, dot, inner, local_rows, norm, random_normal
 from .linear_operator import SymmetricOperator
 
 
@@ -53,9 +54,12 @@ class Ritz:
 class KrylovBasis:
     """Orthonormal basis ``Q``, projection ``H`` and pending directions with ``A Q = Q H + P C``.
 
+    Vectors are ``[rows]`` with ``rows = N``, or this rank's rows of them for an operator with
+    sharded vectors; every contraction over ``N`` goes through :mod:`lightning_hessian.contractions`.
+
     Args:
         op: The symmetric operator.
-        n: Its side length.
+        n: Its side length ``N``.
         capacity: Most basis vectors held at once.
         generator: Source of fresh random start vectors.
     """
@@ -63,12 +67,13 @@ class KrylovBasis:
     def __init__(self, op: SymmetricOperator, n: int, capacity: int, generator: torch.Generator) -> None:
         self.op = op
         self.n = n
+        self.rows = n if getattr(op, "shards", None) is None else local_rows(op)
         self.capacity = capacity
         self.dtype = op.dtype if op.dtype.is_floating_point else torch.float32
         self.device = torch.device(op.device)
         self.eps = torch.finfo(self.dtype).eps
         self.generator = generator
-        self.basis = torch.empty(n, capacity, dtype=self.dtype, device=self.device)
+        self.basis = torch.empty(self.rows, capacity, dtype=self.dtype, device=self.device)
         self.proj = torch.zeros(capacity, capacity, dtype=torch.float64, device=self.device)
         self.chain_of = [-1] * capacity
         self.pending: list[Pending] = []
@@ -89,11 +94,11 @@ class KrylovBasis:
         cp = torch.zeros(len(self.pending), block.shape[1], dtype=torch.float64, device=self.device)
         for _ in range(2):
             if self.m:
-                c = q.T @ block
+                c = inner(self.op, q, block)
                 block = block - q @ c
                 cq += c.double()
             if p is not None:
-                c = p.T @ block
+                c = inner(self.op, p, block)
                 block = block - p @ c
                 cp += c.double()
         return block, cq, cp
@@ -106,7 +111,7 @@ class KrylovBasis:
         """
         if self.m + len(self.pending) >= self.n:
             return False
-        z = torch.randn(self.n, 1, generator=self.generator, dtype=self.dtype, device=self.device)
+        z = random_normal(self.op, self.n, 1, self.generator, self.dtype, self.device)
         return self.start(z) == 1
 
     def start(self, vectors: Tensor) -> int:
@@ -120,13 +125,13 @@ class KrylovBasis:
             if self.m + len(self.pending) >= self.n:
                 break
             z = vectors[:, j : j + 1].to(self.dtype)
-            norm0 = float(z.norm())
+            norm0 = float(norm(self.op, z))
             z, _, _ = self._project_out(z)
-            norm = float(z.norm())
-            if not norm > 10 * self.eps * math.sqrt(self.m + len(self.pending) + 1) * norm0:
+            length = float(norm(self.op, z))
+            if not length > 10 * self.eps * math.sqrt(self.m + len(self.pending) + 1) * norm0:
                 continue
             coupling = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
-            self.pending.append(Pending(z[:, 0] / norm, coupling, self.num_chains))
+            self.pending.append(Pending(z[:, 0] / length, coupling, self.num_chains))
             self.num_chains += 1
             kept += 1
         return kept
@@ -146,9 +151,9 @@ class KrylovBasis:
         self.m = m1
         # A single vector goes as a contiguous [N] vector: operators multiply those fastest.
         block = self.basis[:, m0] if b == 1 else self.basis[:, m0:m1]
-        products = (self.op @ block.contiguous()).to(self.dtype).reshape(self.n, b)
+        products = (self.op @ block.contiguous()).to(self.dtype).reshape(self.rows, b)
         self.num_matvecs += b
-        norms = products.norm(dim=0).double()
+        norms = column_norms(self.op, products).double()
         residual, cq, cp = self._project_out(products)
         # Columns from the product; rows [m0:m1, :m0] averaged with the couplings (same numbers in
         # exact arithmetic) to keep H symmetric.
@@ -168,10 +173,10 @@ class KrylovBasis:
             w = residual[:, j]
             for _ in range(2):
                 for item in accepted:
-                    c = torch.dot(item.vec, w)
+                    c = dot(self.op, item.vec, w)
                     w = w - c * item.vec
                     item.coupling[m0 + j] += float(c)
-            beta = float(w.norm())
+            beta = float(norm(self.op, w))
             if beta <= 10 * self.eps * math.sqrt(self.m + 1) * float(norms[j]) or beta == 0.0:
                 continue  # A q_j lies in the span: deflate this direction
             coupling = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
@@ -223,7 +228,7 @@ class KrylovBasis:
     def vectors(self, coords: Tensor) -> Tensor:
         """Unit Ritz vectors ``Q y`` for the coordinate columns ``coords``."""
         x = self.basis[:, : self.m] @ coords.to(self.dtype)
-        return x / x.norm(dim=0, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
+        return x / column_norms(self.op, x, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
 
     def restart(self, keep: Tensor, ritz: Ritz) -> None:
         """Thick restart: keep only the Ritz vectors ``keep`` (indices into ``ritz``)."""

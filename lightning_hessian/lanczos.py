@@ -21,6 +21,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from .contractions import local_rows
 from .krylov import KrylovBasis, Ritz
 from .linear_operator import SymmetricOperator, operator_size
 from .probes import make_generator
@@ -301,7 +302,7 @@ def eigenvalues(
     k, tol, budget, block, basis_cap = _validate(n, k, which, tol, max_matvecs, block_size, max_basis)
     sign = 1.0 if which == "largest" else -1.0
     dtype = op.dtype if op.dtype.is_floating_point else torch.float32
-    capacity = basis_cap or _default_capacity(n, k, block, budget, dtype)
+    capacity = basis_cap or _default_capacity(local_rows(op), k, block, budget, dtype)
     capacity = min(n, capacity)
     krylov = KrylovBasis(op, n, capacity, make_generator(op.device, seed))
     for _ in range(block):

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .contractions import dot, local_rows, norm
 from .errors import NonFiniteHessianError
 from .operator import HessianOperator
 from .results import Landscape
@@ -82,22 +83,22 @@ def loss_landscape(
     num_points = check_int("num_points", num_points, 3, "Use at least 3 points per direction, e.g. 21.")
     if radius is not None and not (isinstance(radius, int | float) and radius > 0 and math.isfinite(radius)):
         raise ValueError(f"`radius` must be a positive number or None, got {radius!r}.")
-    n = op.shape[0]
+    n = local_rows(op)  # N, or this rank's rows of a sharded operator's vectors
     units: dict[str, Tensor] = {}
     for name, direction in directions.items():
         if direction.shape != (n,):
             raise ValueError(f"Direction {name!r} must have shape [{n}], got {tuple(direction.shape)}.")
         direction = direction.to(device=op.device, dtype=op.dtype)
-        norm = float(direction.norm())
-        if not norm > 0 or not math.isfinite(norm):
-            raise ValueError(f"Direction {name!r} has norm {norm}; pass a nonzero, finite direction.")
-        units[name] = direction / norm
+        length = float(norm(op, direction))
+        if not length > 0 or not math.isfinite(length):
+            raise ValueError(f"Direction {name!r} has norm {length}; pass a nonzero, finite direction.")
+        units[name] = direction / length
     loss = op.loss()
     gradient = op.gradient()
     offsets, losses, curvatures, slopes = {}, {}, {}, {}
     forward = 1
     for name, unit in units.items():
-        curvature = float(unit @ (op @ unit))
+        curvature = float(dot(op, unit, op @ unit))
         half_width = radius if radius is not None else default_radius(loss, curvature)
         steps = torch.linspace(-1.0, 1.0, num_points, dtype=torch.float64) * half_width
         if num_points % 2:
@@ -109,7 +110,7 @@ def loss_landscape(
         offsets[name] = steps
         losses[name] = torch.tensor(values, dtype=torch.float64)
         curvatures[name] = curvature
-        slopes[name] = float(gradient @ unit)
+        slopes[name] = float(dot(op, gradient, unit))
     return Landscape(offsets, losses, curvatures, slopes, loss, forward)
 
 

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .contractions import column_dots, inner, local_rows, random_signs
 from .errors import HessianTooLargeError
 from .krylov import KrylovBasis, Ritz
 from .linear_operator import SymmetricOperator, operator_size
 from .memory import GIB, available_memory
-from .probes import make_generator, rademacher
+from .probes import make_generator, rademacher  # noqa: F401 - the probes' source, as tests import it
 from .results import EigenResult, SpectralDensity, TraceResult
 from .validation import check_int, check_positive_float
 
@@ -69,11 +70,16 @@ class SharedSpaceResult:
 
 
 def basis_capacity(
-    n: int, block: int, max_steps: int, dtype: torch.dtype, max_bytes: int = BASIS_BYTES
+    n: int,
+    block: int,
+    max_steps: int,
+    dtype: torch.dtype,
+    max_bytes: int = BASIS_BYTES,
+    rows: int | None = None,
 ) -> int:
     """Columns of the shared basis: ``block * max_steps``, capped by memory and by ``n``.
 
-    The basis is the run's largest allocation: ``N * capacity * itemsize`` bytes.
+    The basis is the run's largest allocation: ``rows * capacity * itemsize`` bytes.
 
     Args:
         n: Operator size ``N``.
@@ -81,12 +87,13 @@ def basis_capacity(
         max_steps: Most steps.
         dtype: Basis dtype.
         max_bytes: Memory allowed for the basis.
+        rows: Rows of a basis vector on this process (default ``n``; a sharded operator's local size).
 
     Returns:
         The capacity (at least two blocks).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    by_memory = max_bytes // max(1, n * itemsize)
+    by_memory = max_bytes // max(1, (n if rows is None else rows) * itemsize)
     return max(2 * block, min(n, block * max_steps, by_memory))
 
 
@@ -148,10 +155,10 @@ def _trace(
     if krylov.m >= krylov.n or probes == 0:
         return TraceResult(exact, 0.0, 0, "krylov-aware")
     q = krylov.basis[:, : krylov.m]
-    g = rademacher(krylov.n, probes, generator, krylov.dtype, krylov.device)
+    g = random_signs(op, krylov.n, probes, generator, krylov.dtype, krylov.device)
     for _ in range(2):  # twice, as the basis itself: the remainder must be orthogonal to Q
-        g = g - q @ (q.T @ g)
-    samples = (g * (op @ g).to(krylov.dtype)).sum(0).double()
+        g = g - q @ inner(op, q, g)
+    samples = column_dots(op, g, (op @ g).to(krylov.dtype)).double()
     stderr = float(samples.std(unbiased=True)) / math.sqrt(probes) if probes > 1 else float("nan")
     return TraceResult(exact + float(samples.mean()), stderr, probes, "krylov-aware")
 
@@ -193,7 +200,8 @@ def shared_space_estimates(
         max_steps: Most steps.
         trace_probes: Hutchinson probes of the deflated remainder.
         seed: Seed of every random vector.
-        start_vectors: ``[N, w]`` warm-start vectors (e.g. the previous evaluation's Ritz vectors).
+        start_vectors: ``[N, w]`` warm-start vectors (e.g. the previous evaluation's Ritz vectors;
+            this rank's rows of them for an operator with sharded vectors).
         keep_vectors: How many top Ritz vectors to return in :attr:`SharedSpaceResult.vectors`.
         return_vectors: Put the top-k Ritz vectors in ``eigenvalues.vectors``.
         max_basis_bytes: Memory the basis may take (see :func:`basis_capacity`); default
@@ -215,6 +223,7 @@ def shared_space_estimates(
         [1.0, 0.995]
     """
     n = operator_size(op)
+    rows = local_rows(op)  # N, or this rank's rows of a sharded operator's vectors
     top_k = check_int("top_k", top_k, 0, "Pass 0 for no top eigenvalues.")
     num_probes = check_int("num_probes", num_probes, 1, "Use at least one random probe.")
     min_steps = check_int("min_steps", min_steps, 1)
@@ -222,8 +231,8 @@ def shared_space_estimates(
     trace_probes = check_int("trace_probes", trace_probes, 0)
     keep_vectors = check_int("keep_vectors", keep_vectors, 0)
     tol = check_positive_float("tol", tol, "It is a relative residual, e.g. tol=1e-3.")
-    if start_vectors is not None and (start_vectors.ndim != 2 or start_vectors.shape[0] != n):
-        raise ValueError(f"`start_vectors` must be [N={n}, w], got {tuple(start_vectors.shape)}.")
+    if start_vectors is not None and (start_vectors.ndim != 2 or start_vectors.shape[0] != rows):
+        raise ValueError(f"`start_vectors` must be [N={rows}, w], got {tuple(start_vectors.shape)}.")
     generator = make_generator(op.device, seed)
     dtype = op.dtype if op.dtype.is_floating_point else torch.float32
     if start_vectors is not None and not density:
@@ -232,14 +241,14 @@ def shared_space_estimates(
         # space, Hutchinson on the rest) hold for any start block. Warm vectors then need one fresh
         # random direction beside them, so that a new eigenvalue entering the top is still found.
         num_probes = 1
-    probes = rademacher(n, num_probes, generator, dtype, op.device)
+    probes = random_signs(op, n, num_probes, generator, dtype, op.device)
     start = probes if start_vectors is None else torch.cat([probes, start_vectors.to(probes)], dim=1)
     block = start.shape[1]
     if max_basis_bytes is None:
         free = available_memory(op.device)
         max_basis_bytes = BASIS_BYTES if free is None else int(BASIS_MEMORY_SHARE * free)
-    capacity = basis_capacity(n, block, max_steps, dtype, max_basis_bytes)
-    check_basis_fits(n, capacity, block + trace_probes, dtype, torch.device(op.device))
+    capacity = basis_capacity(n, block, max_steps, dtype, max_basis_bytes, rows)
+    check_basis_fits(rows, capacity, block + trace_probes, dtype, torch.device(op.device))
     krylov = KrylovBasis(op, n, capacity, generator)
     kept_probes = krylov.start(probes)
     if start_vectors is not None:

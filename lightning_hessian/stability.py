@@ -38,12 +38,14 @@ threshold 2), an approximation for the coupled modes.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .contractions import is_sharded, shards_of
 from .lanczos import eigenvalues
 from .results import EigenResult, StabilityResult
 
@@ -123,6 +125,7 @@ class _Preconditioned:
     def __init__(self, op: Any, root_step: Tensor, decay: Tensor) -> None:
         self.op, self.root_step, self.decay = op, root_step, decay
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.shards = shards_of(op)  # sharded vectors (local rows), if any
 
     def __matmul__(self, x: Tensor) -> Tensor:
         scale = self.root_step if x.ndim == 1 else self.root_step[:, None]
@@ -136,14 +139,18 @@ def step_sizes(op: Any, optimizer: torch.optim.Optimizer) -> tuple[Tensor, Tenso
 
     Args:
         op: A :class:`~lightning_hessian.HessianOperator` (its parameters are matched to the
-            optimizer's by identity through ``op.closure.model``).
+            optimizer's by identity through ``op.closure.model``), or a
+            :class:`~lightning_hessian.sharded.ShardedHessianOperator`, whose optimizer states are
+            sharded like the parameters (their local shards are used).
         optimizer: One of :data:`SUPPORTED`.
 
     Returns:
-        ``(D, W, threshold)``: two ``[N]`` vectors in the operator's flat order and the threshold
-        (2 when the groups' thresholds differ and were folded into ``D``).
+        ``(D, W, threshold)``: two ``[N]`` vectors in the operator's flat order (this rank's rows of
+        them for a sharded operator) and the threshold (2 when the groups' thresholds differ and were
+        folded into ``D``).
     """
     params = dict(op.closure.model.named_parameters())
+    space = getattr(op, "local_space", op.space)  # the local shards' shapes when sharded
     owner = {id(p): (group, p) for group in optimizer.param_groups for p in group["params"]}
     rules: dict[str, _Rule] = {}
     for name in op.space.names:
@@ -153,17 +160,40 @@ def step_sizes(op: Any, optimizer: torch.optim.Optimizer) -> tuple[Tensor, Tenso
     thresholds = {rule.threshold for rule in rules.values()}
     threshold = thresholds.pop() if len(thresholds) == 1 else 2.0
     steps, decays = [], []
-    for name, shape in zip(op.space.names, op.space.shapes, strict=True):
+    for name, shape in zip(space.names, space.shapes, strict=True):
         rule = rules.get(name)
         size = int(torch.Size(shape).numel())
         if rule is None:
             steps.append(torch.zeros(size, dtype=op.dtype, device=op.device))
             decays.append(torch.zeros(size, dtype=op.dtype, device=op.device))
             continue
-        step = torch.as_tensor(rule.step, dtype=op.dtype, device=op.device).expand(shape).reshape(-1)
+        local = rule.step.to_local() if hasattr(rule.step, "to_local") else rule.step  # a DTensor state
+        step = torch.as_tensor(local, dtype=op.dtype, device=op.device).expand(shape).reshape(-1)
         steps.append(step * (threshold / rule.threshold))
         decays.append(torch.full((size,), float(rule.decay), dtype=op.dtype, device=op.device))
     return torch.cat(steps), torch.cat(decays), threshold
+
+
+def _uniform_over_ranks(op: Any, step: Tensor, decay: Tensor) -> tuple[bool, float, float]:
+    """Whether every rank's rows of ``D`` and ``W`` hold one value each, and those values."""
+    shards = shards_of(op)
+    local = torch.tensor(
+        [
+            float(step.max()) if step.numel() else -math.inf,
+            -float(step.min()) if step.numel() else -math.inf,
+            float(decay.max()) if decay.numel() else -math.inf,
+            -float(decay.min()) if decay.numel() else -math.inf,
+        ],
+        dtype=torch.float64,
+    )
+    # the max over ranks (identical on every rank) through one sum: each rank fills its own row
+    world, rank = shards.layout.world, shards.layout.rank
+    table = torch.full((world, 4), 0.0, dtype=torch.float64)
+    table[rank] = local
+    table = shards.reduce_sum(table)
+    step_max, step_min = float(table[:, 0].max()), -float(table[:, 1].max())
+    decay_max, decay_min = float(table[:, 2].max()), -float(table[:, 3].max())
+    return step_max == step_min and decay_max == decay_min, step_max, decay_max
 
 
 def stability(
@@ -210,9 +240,13 @@ def stability(
         warnings.warn(f"No stability value: {reason}.", UserWarning, stacklevel=2)
         return None
     step, decay, threshold = step_sizes(op, optimizer)
-    uniform = bool((step == step[0]).all() and (decay == decay[0]).all())
+    if is_sharded(op):
+        uniform, first_step, first_decay = _uniform_over_ranks(op, step, decay)
+    else:
+        uniform = bool((step == step[0]).all() and (decay == decay[0]).all())
+        first_step, first_decay = (float(step[0]), float(decay[0])) if uniform else (0.0, 0.0)
     if uniform and top is not None and top.values.numel() and top.which == "largest":
-        eigenvalue = float(step[0]) * (float(top.values[0]) + float(decay[0]))
+        eigenvalue = first_step * (float(top.values[0]) + first_decay)
         converged, matvecs = bool(top.converged.reshape(-1)[0]), 0
     else:
         preconditioned = _Preconditioned(op, step.clamp_min(0).sqrt(), decay)

@@ -29,8 +29,19 @@ import math
 import torch
 from torch import Tensor
 
+from .contractions import (
+    column_dots,
+    inner,
+    is_sharded,
+    local_rows,
+    orthonormalize,
+    random_normal,
+    random_signs,
+    shards_of,
+    total,
+)
 from .linear_operator import SymmetricOperator, default_chunk_size, matmul_chunked, operator_size
-from .probes import make_generator, rademacher
+from .probes import make_generator
 from .results import TraceResult
 from .validation import check_choice, check_int
 
@@ -57,6 +68,8 @@ def _float_dtype(op: SymmetricOperator) -> torch.dtype:
 
 def _exact(op: SymmetricOperator, n: int, chunk_size: int | None) -> TraceResult:
     """Sum of the diagonal of the dense operator."""
+    if is_sharded(op):
+        return _exact_sharded(op, n, chunk_size)
     if hasattr(op, "to_dense"):
         before = getattr(op, "num_matvecs", None)
         value = float(torch.diagonal(op.to_dense()).double().sum())
@@ -75,22 +88,35 @@ def _exact(op: SymmetricOperator, n: int, chunk_size: int | None) -> TraceResult
     return TraceResult(value=total, stderr=0.0, num_matvecs=n, method="exact")
 
 
+def _exact_sharded(op: SymmetricOperator, n: int, chunk_size: int | None) -> TraceResult:
+    """Sum of the diagonal from identity columns, for an operator with sharded vectors (no dense matrix)."""
+    dtype = _float_dtype(op)
+    shards = shards_of(op)
+    chunk = chunk_size or default_chunk_size(local_rows(op), dtype)
+    total = 0.0
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        eye = shards.unit_columns(start, stop, dtype)
+        total += float(column_dots(op, eye, (op @ eye).to(dtype)).double().sum())
+    return TraceResult(value=total, stderr=0.0, num_matvecs=n, method="exact")
+
+
 def _hutchinson(op: SymmetricOperator, n: int, m: int, gen: torch.Generator, chunk: int) -> TraceResult:
     """Plain Hutchinson with ``m`` Rademacher probes."""
     dtype = _float_dtype(op)
     samples, frob = [], []
     for start in range(0, m, chunk):
-        z = rademacher(n, min(chunk, m - start), gen, dtype, op.device)
+        z = random_signs(op, n, min(chunk, m - start), gen, dtype, op.device)
         az = (op @ z).to(dtype)
-        samples.append((z * az).sum(0).double())
-        frob.append(az.double().pow(2).sum(0))
+        samples.append(column_dots(op, z, az).double())
+        frob.append(column_dots(op, az.double(), az.double()))
     value, stderr = _mean_stderr(torch.cat(samples), torch.cat(frob))
     return TraceResult(value=value, stderr=stderr, num_matvecs=m, method="hutchinson")
 
 
-def _orth(y: Tensor) -> Tensor:
+def _orth(op: SymmetricOperator, y: Tensor) -> Tensor:
     """Orthonormal basis of the columns of ``y`` (reduced QR)."""
-    return torch.linalg.qr(y, mode="reduced").Q
+    return orthonormalize(op, y)[0]
 
 
 def _hutchpp(op: SymmetricOperator, n: int, m: int, gen: torch.Generator, chunk: int) -> TraceResult:
@@ -98,18 +124,19 @@ def _hutchpp(op: SymmetricOperator, n: int, m: int, gen: torch.Generator, chunk:
     dtype = _float_dtype(op)
     sketch = min(m // 3, n)
     probes = m - 2 * sketch
-    q = _orth(matmul_chunked(op, rademacher(n, sketch, gen, dtype, op.device), chunk))
-    top = float((q * matmul_chunked(op, q, chunk)).double().sum())
+    q = _orth(op, matmul_chunked(op, random_signs(op, n, sketch, gen, dtype, op.device), chunk))
+    top = float(total(op, (q * matmul_chunked(op, q, chunk)).double()))
     used = 2 * sketch
     if sketch >= n or probes == 0:
         return TraceResult(value=top, stderr=0.0, num_matvecs=used, method="hutch++")
     samples, frob = [], []
     for start in range(0, probes, chunk):
-        g = rademacher(n, min(chunk, probes - start), gen, dtype, op.device)
-        g = g - q @ (q.T @ g)
+        g = random_signs(op, n, min(chunk, probes - start), gen, dtype, op.device)
+        g = g - q @ inner(op, q, g)
         ag = (op @ g).to(dtype)
-        samples.append((g * ag).sum(0).double())
-        frob.append((ag - q @ (q.T @ ag)).double().pow(2).sum(0))
+        samples.append(column_dots(op, g, ag).double())
+        rest = (ag - q @ inner(op, q, ag)).double()
+        frob.append(column_dots(op, rest, rest))
     rest, stderr = _mean_stderr(torch.cat(samples), torch.cat(frob))
     return TraceResult(value=top + rest, stderr=stderr, num_matvecs=used + probes, method="hutch++")
 
@@ -145,13 +172,13 @@ def _xtrace(op: SymmetricOperator, n: int, m: int, gen: torch.Generator, chunk: 
     """XTrace with ``m // 2`` Gaussian probes (Epperly, Tropp, Webber 2024, normalized variant)."""
     dtype = _float_dtype(op)
     s = min(m // 2, n)
-    omega = torch.randn(n, s, generator=gen, dtype=dtype, device=op.device)
-    q, r = torch.linalg.qr(matmul_chunked(op, omega, chunk), mode="reduced")
-    h = (q.T @ matmul_chunked(op, q, chunk)).double()
+    omega = random_normal(op, n, s, gen, dtype, op.device)
+    q, r = orthonormalize(op, matmul_chunked(op, omega, chunk))
+    h = inner(op, q, matmul_chunked(op, q, chunk)).double()
     h = 0.5 * (h + h.T)
     r = r.double()
-    w = (q.T @ omega).double()
-    omega_norm2 = omega.double().pow(2).sum(0)
+    w = inner(op, q, omega).double()
+    omega_norm2 = column_dots(op, omega.double(), omega.double())
     diag = r.diagonal().abs()
     eps = torch.finfo(dtype).eps
     if s >= n or bool((diag <= 100 * eps * diag.max()).any()):

@@ -134,15 +134,38 @@ class DeepSpeedStrategy:  # stands in for lightning's, which needs the deepspeed
     "strategy",
     [
         pytest.param(lambda: FSDPStrategy(), id="fsdp"),
-        pytest.param(lambda: ModelParallelStrategy(), id="model-parallel"),
         pytest.param(DeepSpeedStrategy, id="deepspeed"),
     ],
 )
-def test_sharding_strategies_are_refused_in_setup(strategy) -> None:
+def test_gpu_sharding_strategies_are_refused_in_setup_pointing_to_model_parallel(strategy) -> None:
     trainer = SimpleNamespace(strategy=strategy())
     module = ddp_scenarios.make_module()
-    with pytest.raises(MisconfigurationException, match="shards the parameters.*strategy='ddp'"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"shards the parameters.*ModelParallelStrategy\(data_parallel_size=N, "
+        r"tensor_parallel_size=1\)",
+    ):
         lh.HessianCallback().setup(trainer, module, "fit")
+
+
+def test_model_parallel_strategy_is_accepted_in_setup() -> None:
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    lh.HessianCallback().setup(trainer, ddp_scenarios.make_module(), "fit")
+
+
+def test_tensor_parallelism_is_refused_in_setup() -> None:
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    sizes = {"data_parallel": 1, "tensor_parallel": 2}
+
+    class Mesh:  # stands in for the device mesh Lightning builds in setup_environment
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name: str) -> SimpleNamespace:
+            return SimpleNamespace(size=lambda: sizes[name])
+
+    strategy._device_mesh = Mesh()
+    with pytest.raises(MisconfigurationException, match="tensor_parallel_size=1"):
+        lh.HessianCallback().setup(SimpleNamespace(strategy=strategy), ddp_scenarios.make_module(), "fit")
 
 
 def test_data_parallel_strategy_is_accepted_in_setup() -> None:

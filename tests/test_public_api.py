@@ -35,6 +35,7 @@ ALL = [
     "MatrixOperator",
     "NonFiniteHessianError",
     "ParameterSpace",
+    "ShardedHessianOperator",  # added (sharded models): the Hessian of an FSDP2 module on local shards
     "SpectralDensity",
     "StabilityResult",  # added (training dynamics): the optimizer's edge of stability
     "SymmetricOperator",
@@ -128,6 +129,7 @@ SIGNATURES = {
     "eigenspace_overlap": [
         ("previous", POS, REQUIRED),
         ("current", POS, REQUIRED),
+        ("op", KW, "None"),  # added (sharded models): the operator whose vectors are local shards
     ],
     "loss_landscape": [
         ("op", POS, REQUIRED),
@@ -197,6 +199,19 @@ SIGNATURES = {
         ("chunk_size", KW, "None"),
         ("process_group", KW, "'auto'"),
         ("reduction", KW, "'mean'"),  # added: sum-reduced losses over several batches
+    ],
+    # added (sharded models): HessianOperator's arguments that apply to a sharded module
+    "ShardedHessianOperator.__init__": [
+        ("model", POS, REQUIRED),
+        ("loss_fn", POS, "None"),
+        ("data", POS, "None"),
+        ("params", KW, "None"),
+        ("mode", KW, "'eval'"),
+        ("dtype", KW, "None"),
+        ("batch_size_fn", KW, "None"),
+        ("hvp", KW, "'auto'"),
+        ("process_group", KW, "'auto'"),
+        ("reduction", KW, "'mean'"),
     ],
     "HessianCallback.__init__": [
         ("every_n_epochs", POS, "None"),

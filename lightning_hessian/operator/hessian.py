@@ -26,6 +26,7 @@ from ..dense import dense_from_operator
 from ..distributed import agree_on_failure, all_reduce_or_raise, resolve_process_group
 from ..memory import available_memory
 from ..parameters import ParameterSpace, Patterns, select_parameters
+from ..shards import refuse_sharded_parameters
 from ..validation import check_choice, check_optional_int
 from .differences import FINITE_DIFFERENCE, RICHARDSON, half_precision_advice
 from .graphs import GraphCache
@@ -61,13 +62,13 @@ class HessianOperator:
     Products are exact (Pearlmutter's trick): ``"reverse-over-reverse"`` differentiates each batch's
     cached gradient again; ``"forward-over-reverse"`` is ``torch.func.jvp`` of ``torch.func.grad``.
     ``hvp="auto"`` tries reverse-over-reverse alone on the first product where the first-order graphs
-    are cached (both methods otherwise, or when it fails), times the batched forms on the first
-    product of many columns, has gradient differences referee the method it keeps, and keeps the
-    fastest that works and is right for the model at hand. Where neither is (a compiled module without double backward, a
-    custom ``autograd.Function`` without second derivatives), it falls back to gradient differences
-    with one warning. ``"finite-difference"`` forces those: ``(g(θ + h v) - g(θ - h v)) / (2h)`` of two
-    plain gradients, relative error about 1e-4 in float32 and 1e-10 in float64 on smooth models
-    (:mod:`.differences`); ``"finite-difference-richardson"`` extrapolates two of them (four
+    are cached (both methods otherwise, or when it fails), times the batched forms on the first product
+    of many columns, has gradient differences referee the method it keeps, and keeps the fastest that
+    works and is right for the model at hand. Where neither is (a compiled module without double
+    backward, a custom ``autograd.Function`` without second derivatives), it falls back to gradient
+    differences with one warning. ``"finite-difference"`` forces those: ``(g(θ + h v) - g(θ - h v)) /
+    (2h)`` of two plain gradients, relative error about 1e-4 in float32 and 1e-10 in float64 on smooth
+    models (:mod:`.differences`); ``"finite-difference-richardson"`` extrapolates two of them (four
     gradients), about 2 times more accurate in float32 and 30 in float64. A forced exact method is
     refereed on its first product too, and raises if it is found wrong.
 
@@ -127,6 +128,7 @@ class HessianOperator:
             raise ValueError("`data` is required: an iterable of batches (a list or a DataLoader).")
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        refuse_sharded_parameters(model, "HessianOperator")
         selected = select_parameters(model, params)
         closure = LossClosure(
             model, loss_fn, data, mode=mode, dtype=dtype, batch_size_fn=batch_size_fn, reduction=reduction

@@ -1,0 +1,179 @@
+"""Sharded models (FSDP2) on 2 CPU processes (gloo): the functional API, and HessianCallback under
+Lightning's ModelParallelStrategy.
+
+Each test launches one script in a subprocess (``tests/sharded_functional.py`` spawns its ranks;
+``tests/sharded_scenarios.py`` is relaunched by Lightning for rank 1) and checks what every rank wrote
+against the unsharded model on the union of both ranks' batches. Products are gradient differences
+(float64: about 1e-10 relative), so values agree to ``RTOL``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import lightning_hessian as lh
+from lightning_hessian.analysis import analyze_with
+from lightning_hessian.reporting import scalar_metrics
+from tests import sharded_scenarios
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 150  # seconds per launch; a deadlocked rank would exceed it
+RTOL = 1e-7  # float64 gradient differences are about 1e-10 off; Lanczos tolerances 1e-9
+
+
+def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env.pop("LOCAL_RANK", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+def _results(outdir: Path) -> list[dict[str, Any] | None]:
+    paths = [outdir / f"rank{rank}.pt" for rank in range(2)]
+    return [torch.load(path, weights_only=False) if path.exists() else None for path in paths]
+
+
+def _close(a: Any, b: Any, rtol: float = RTOL, atol: float = 1e-10) -> bool:
+    return torch.allclose(torch.as_tensor(a).double(), torch.as_tensor(b).double(), rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def functional(tmp_path_factory) -> list[dict[str, Any]]:
+    outdir = tmp_path_factory.mktemp("sharded_functional")
+    process = _launch("sharded_functional.py", str(outdir))
+    results = _results(outdir)
+    assert process.returncode == 0 and all(results), process.stderr[-4000:]
+    for result in results:
+        assert "crash" not in result, result["crash"]
+    return results
+
+
+def test_vectors_are_shards_whose_union_is_every_entry_once(functional) -> None:
+    n = functional[0]["n"]
+    assert sum(r["local_size"] for r in functional) == n
+    assert sorted(torch.cat([r["index"] for r in functional]).tolist()) == list(range(n))
+    assert all(r["local_size"] < n for r in functional)  # no rank holds a whole vector
+
+
+def test_products_loss_and_gradient_are_those_of_the_union_of_both_ranks_batches(functional) -> None:
+    for r in functional:
+        assert r["product"].shape == (r["local_size"], 3)
+        assert _close(r["product"], r["product_ref"], rtol=1e-8, atol=1e-9)
+        assert r["loss"] == pytest.approx(r["loss_ref"], rel=1e-14)
+        assert r["shifted_loss"] == pytest.approx(r["shifted_loss_ref"], rel=1e-14)
+        assert _close(r["gradient"], r["gradient_ref"], rtol=1e-12, atol=1e-15)
+
+
+def test_tsqr_factors_the_global_block(functional) -> None:
+    n = functional[0]["n"]
+    q, y = torch.zeros(n, 4, dtype=torch.float64), torch.zeros(n, 4, dtype=torch.float64)
+    for r in functional:
+        q[r["index"]], y[r["index"]] = r["q"], r["y"]
+    assert torch.equal(functional[0]["r"], functional[1]["r"])
+    assert torch.allclose(q.T @ q, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(q @ functional[0]["r"], y, atol=1e-12)
+
+
+def test_estimators_agree_with_the_unsharded_operator_on_every_rank(functional) -> None:
+    for r in functional:
+        # the same global probes as one process drawing each parameter's block in turn
+        assert r["hutchinson"] == pytest.approx(r["hutchinson_ref"], rel=RTOL)
+        assert r["trace"] == pytest.approx(r["trace_ref"], rel=RTOL)
+        assert _close(r["top"], r["top_ref"]) and _close(r["smallest"], r["smallest_ref"])
+        assert _close(r["shared_top"], r["top_ref"])
+        assert r["density_mass"] == pytest.approx(1.0, abs=1e-12)
+        assert _close(r["geometry"][:3], r["geometry_ref"][:3]) and r["geometry"][3] == 5  # all batches
+        assert r["overlap"] == pytest.approx(r["overlap_ref"], abs=1e-10)
+        assert _close(r["landscape"], r["landscape_ref"], rtol=1e-12)
+        assert r["stability"] == pytest.approx(r["stability_ref"], rel=RTOL)  # Adam's sharded states
+    for key in ("hutchinson", "hutch++", "xtrace", "trace", "top", "density_nodes", "geometry", "stability"):
+        assert _close(functional[0][key], functional[1][key], rtol=0, atol=0), key  # lockstep
+
+
+def test_failures_on_one_rank_raise_on_both_at_the_same_point(functional) -> None:
+    rank0, rank1 = functional
+    # an exception inside the sharded forward on rank 1: its own error there, RankFailedError on rank 0
+    assert rank1["raise"] == "RuntimeError: simulated failure on rank 1"
+    assert rank0["raise"].startswith("RankFailedError") and "simulated failure on rank 1" in rank0["raise"]
+    # a NaN loss on rank 1 during a product
+    assert all(r["nan"].startswith("NonFiniteHessianError") for r in functional)
+    assert rank0["after_nan"] == rank1["after_nan"] and math.isfinite(rank0["after_nan"])  # then it works
+
+
+@pytest.fixture(scope="module")
+def union_run(tmp_path_factory) -> list[dict[str, Any]]:
+    outdir = tmp_path_factory.mktemp("sharded_union")
+    process = _launch("sharded_scenarios.py", "union", str(outdir))
+    results = _results(outdir)
+    assert process.returncode == 0 and all(results), process.stderr[-4000:]
+    return results
+
+
+def test_model_parallel_callback_logs_the_unsharded_models_curvature_on_the_union(union_run) -> None:
+    rank0, rank1 = union_run
+    assert rank0["outcome"] == rank1["outcome"] == "finished"
+    assert rank0["sharded"] and rank1["sharded"]  # the parameters were DTensors
+
+    module = sharded_scenarios.make_module(shard=False)
+    module.load_state_dict(rank0["state_dict"])
+    settings = lh.HessianCallback(**sharded_scenarios.callback_kwargs()).settings
+    optimizer = module.configure_optimizers()
+    report = analyze_with(
+        module, None, sharded_scenarios.union(), settings, process_group=None, optimizer=optimizer
+    )
+    skip = {"hessian/seconds", "hessian/num_matvecs"}  # the reference computes its blocks densely
+    expected = {k: v for k, v in scalar_metrics(report).items() if k not in skip}
+    dynamics = ("stability", "gradient_alignment", "gradient_curvature", "batch_sharpness")
+    assert {f"hessian/net.0/{name}" for name in dynamics} <= set(expected)
+    values = {"hessian/net.0/eigenvalue_1", "hessian/net.2/eigenvalue_min", "hessian/net.2/trace"}
+    assert values <= set(expected)
+    for result in (rank0, rank1):
+        assert [entry["ok"] for entry in result["history"]] == [True, True]
+        for name, value in expected.items():
+            assert math.isclose(result["metrics"][name], value, rel_tol=RTOL, abs_tol=1e-9), name
+        for block in ("net.0", "net.2"):  # from the second evaluation on
+            assert 0.0 <= result["metrics"][f"hessian/{block}/eigenvector_overlap"] <= 1.0
+    assert rank0["metrics"] == rank1["metrics"]  # identical on every rank
+
+
+def test_model_parallel_training_is_bit_identical_with_and_without_the_callback(union_run, tmp_path) -> None:
+    process = _launch("sharded_scenarios.py", "plain", str(tmp_path))
+    plain = _results(tmp_path)[0]
+    assert process.returncode == 0 and plain, process.stderr[-4000:]
+    evaluated = union_run[0]
+    assert len(evaluated["history"]) == 2 and not plain["history"]
+    assert plain["state_dict"].keys() == evaluated["state_dict"].keys()
+    for name, value in plain["state_dict"].items():
+        assert torch.equal(value, evaluated["state_dict"][name]), name
+
+
+def test_model_parallel_failure_on_one_rank_is_skipped_on_both_and_training_finishes(tmp_path: Path) -> None:
+    process = _launch("sharded_scenarios.py", "failures", str(tmp_path))
+    results = _results(tmp_path)
+    assert process.returncode == 0 and all(results), process.stderr[-4000:]
+    steps = sharded_scenarios.TRAIN_STEPS_PER_EPOCH
+    for result in results:
+        assert result["outcome"] == "finished"
+        assert result["global_step"] == 3 * steps
+        history = result["history"]
+        assert [entry["ok"] for entry in history] == [False, False, True]
+        assert "NonFiniteHessianError" in history[0]["error"]  # rank 1's NaN loss
+        assert "simulated failure on rank 1" in history[1]["error"]  # raised inside the sharded forward
+    assert [e.get("error") for e in results[0]["history"]] == [e.get("error") for e in results[1]["history"]]
+    assert results[0]["metrics"] == results[1]["metrics"]
+    assert math.isfinite(results[0]["metrics"]["hessian/model/eigenvalue_1"])
+    assert "failed" in process.stderr  # the warning (rank 0)

@@ -7,7 +7,7 @@ spectrum (histogram) and a density plot to TensorBoard under ``lightning_logs/``
 
 Run it and open TensorBoard::
 
-    python examples/train_digits.py            # 1-2 minutes on 2 CPU cores
+    python examples/train_digits.py            # about 10 s on 2 CPU cores
     tensorboard --logdir lightning_logs
 
 The layers ``conv1`` (80 parameters) and ``fc`` (650) are small enough for exact spectra;

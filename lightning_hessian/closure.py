@@ -129,6 +129,21 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def _scalar(loss: Any) -> Tensor:
+    """``loss`` as a 0-d tensor.
+
+    Raises:
+        ValueError: If it is not a one-element tensor.
+    """
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"`loss_fn` must return a scalar tensor, got {shape}. Reduce it, e.g. with "
+            "reduction='mean' in the loss function."
+        )
+    return loss.reshape(())
+
+
 class LossClosure:
     """The mean (or sum) of the losses of a fixed list of batches as a function of the parameters.
 
@@ -260,13 +275,7 @@ class LossClosure:
         with preserved_tensor_slots(self.model):
             batch_idx = self.batch_offset + index
             loss = functional_call(self._wrapper, swapped, (self.batches[index], batch_idx), strict=False)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(
-                f"`loss_fn` must return a scalar tensor, got {shape}. Reduce it, e.g. with "
-                "reduction='mean' in the loss function."
-            )
-        return loss.reshape(())
+        return _scalar(loss)
 
     def module_loss(self, index: int) -> Tensor:
         """Loss of batch ``index`` at the module's own parameters, through its own forward (call
@@ -281,13 +290,7 @@ class LossClosure:
         if self.mode == "train":
             torch.manual_seed(_TRAIN_MODE_SEED + self.batch_offset + index)
         loss = self._wrapper(self.batches[index], self.batch_offset + index)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(
-                f"`loss_fn` must return a scalar tensor, got {shape}. Reduce it, e.g. with "
-                "reduction='mean' in the loss function."
-            )
-        return loss.reshape(())
+        return _scalar(loss)
 
     def subset(self, index: int) -> LossClosure:
         """A closure over batch ``index`` alone (same model, loss and settings; mean reduction).

@@ -12,15 +12,17 @@ all-gathers each layer, its backward reduce-scatters the gradient):
 ``H v ≈ (g(θ + h v) - g(θ - h v)) / (2h)``, with ``g`` the gradient of the size-weighted mean loss
 over the union of every rank's batches (NOTE [FSDP2 gradient averaging] in :mod:`.fsdp`). Exact
 second derivatives would need double backward through FSDP's collectives, which FSDP2 does not
-support. The step ``h`` is :func:`difference_step`; products are accurate to about ``u^(2/3)``
-relative (``u`` the unit roundoff: about 1e-10 in float64, 1e-4 to 1e-5 in float32) on smooth losses.
+support. The step ``h`` is that of ``hvp="finite-difference"``
+(:func:`lightning_hessian.operator.differences.difference_step`, with global norms); products are
+accurate to about ``u^(2/3)`` relative (``u`` the unit roundoff: about 1e-10 in float64, 1e-4 to
+1e-5 in float32) on smooth losses.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from .closure import LossClosure, LossFn
 from .distributed import agree_on_failure, all_reduce_or_raise
 from .errors import NonFiniteHessianError
 from .fsdp import ShardedRunner, fsdp_modules
-from .operator.differences import FINITE_DIFFERENCE
+from .operator.differences import FINITE_DIFFERENCE, difference_step
 from .operator.selection import MatrixMethod, MethodChoice
 from .parameters import ParameterSpace, Patterns, select_parameters
 from .shards import ShardedVectors, ShardLayout, dtensor_class
@@ -39,48 +41,6 @@ from .validation import check_choice
 
 #: ``hvp=`` values a sharded operator takes: products are always gradient differences.
 SHARDED_HVP = ("auto", "finite-difference")
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Half the machine epsilon of a floating dtype (``2**-53`` for float64).
-
-    Example:
-        >>> unit_roundoff(torch.float64)
-        1.1102230246251565e-16
-    """
-    return torch.finfo(dtype).eps / 2
-
-
-def difference_step(dtype: torch.dtype, lengths: Sequence[float], direction_norms: Sequence[float]) -> float:
-    """The central-difference step ``h`` along a direction ``v``: ``c min_k (1 + ||θ_k||) / ||v_k||``.
-
-    ``c = (3u)^(1/3) / 2`` with ``u`` the unit roundoff, the minimum over the parameter tensors ``k``
-    that ``v`` moves (norms of the global tensors, summed over the ranks): the step balances the
-    truncation error ``h² |T4| / 6`` against the rounding error ``u |g| / h`` over the distance
-    ``(1 + ||θ_k||) / ||v_k||`` along which tensor ``k`` changes by its own size. It is the rule of
-    ``lightning_hessian.operator.differences.difference_step`` (``hvp="finite-difference"``, branch
-    fd-products, whose NOTE [Step of gradient differences] derives and measures it); on merging,
-    this function should give way to that one.
-
-    Args:
-        dtype: The dtype the gradients are computed in.
-        lengths: ``1 + ||θ_k||`` of each parameter tensor ``k``.
-        direction_norms: ``||v_k||`` of the direction's part on each tensor.
-
-    Returns:
-        The step ``h`` (per unit of ``v``).
-
-    Raises:
-        ValueError: If the direction is zero.
-
-    Example:
-        >>> round(difference_step(torch.float64, [1.0, 3.0], [1.0, 0.0]), 9)
-        3.466e-06
-    """
-    ratios = [length / norm for length, norm in zip(lengths, direction_norms, strict=True) if norm > 0]
-    if not ratios:
-        raise ValueError("The direction is zero; gradient differences need a nonzero direction.")
-    return (3 * unit_roundoff(dtype)) ** (1 / 3) / 2 * min(ratios)
 
 
 def _check_sharding(selected: dict[str, nn.Parameter]) -> Any:

@@ -15,8 +15,9 @@ from torch import nn
 import lightning_hessian as lh
 from lightning_hessian import contractions
 from lightning_hessian.linear_operator import MatrixOperator
+from lightning_hessian.operator.differences import difference_step
 from lightning_hessian.probes import make_generator, rademacher
-from lightning_hessian.sharded import ShardedHessianOperator, difference_step
+from lightning_hessian.sharded import ShardedHessianOperator
 from lightning_hessian.shards import ShardedVectors, ShardLayout, has_sharded_parameters, shard_rows
 
 SHAPES = {"a.weight": torch.Size([7, 5]), "a.bias": torch.Size([7]), "b.weight": torch.Size([1, 7])}

@@ -4,6 +4,9 @@ Every result holds tensors and numbers only, so it can be compared in tests and 
 touching the model again. A :class:`HessianReport` is saved as plain data (:meth:`HessianReport.save`:
 nested dicts of tensors, numbers and strings) that ``torch.load(path, weights_only=True)`` reads
 without unpickling any class, and :meth:`HessianReport.load` rebuilds the dataclasses from it.
+
+About 600 lines, 260 of them docstrings: every result dataclass of the library and the one
+plain-data save/load format that rebuilds all of them, which must stay together to check each field.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ support. The step ``h`` is that of ``hvp="finite-difference"``
 (:func:`lightning_hessian.operator.differences.difference_step`, with global norms); products are
 accurate to about ``u^(2/3)`` relative (``u`` the unit roundoff: about 1e-10 in float64, 1e-4 to
 1e-5 in float32) on smooth losses.
+
+About 480 lines, 125 of them docstrings: the sharded operator mirrors the public surface of
+:class:`~lightning_hessian.HessianOperator` (products, loss, gradient, per-batch sharpness, restrict).
 """
 
 from __future__ import annotations

@@ -5,8 +5,7 @@
 of ``x``, ``weight`` and ``bias`` as ``F.batch_norm(..., training=False)``, so it has the same exact
 Hessian (up to float rounding). Its second derivatives are a few elementwise products, while the
 generic batch-norm double backward recomputes the normalization: the first-order graphs that
-reverse-over-reverse products differentiate are built under :class:`EvalBatchNormAsAffine`. The
-saving is measured on the mid-size CNN of ``benchmarks/hvp.py`` (README, "Hessian-vector products").
+reverse-over-reverse products differentiate are built with this map (:mod:`.second_order`).
 Train-mode calls, and calls with mixed dtypes, run unchanged.
 """
 
@@ -15,11 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
-_BATCH_NORM_ARGUMENTS = (
+#: ``F.batch_norm``'s positional arguments, in order.
+BATCH_NORM_ARGUMENTS = (
     "input",
     "running_mean",
     "running_var",
@@ -31,33 +29,24 @@ _BATCH_NORM_ARGUMENTS = (
 )
 
 
-class EvalBatchNormAsAffine(TorchFunctionMode):
-    """Inside this mode, eval-mode ``F.batch_norm`` runs as its affine map (see the NOTE above).
-
-    Example:
-        >>> with EvalBatchNormAsAffine():
-        ...     y = bn.eval()(x)  # doctest: +SKIP
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            bound = {**dict(zip(_BATCH_NORM_ARGUMENTS, args, strict=False)), **kwargs}
-            affine = affine_batch_norm(bound)
-            if affine is not None:
-                return affine
-        return func(*args, **kwargs)
-
-
-def affine_batch_norm(bound: dict[str, Any]) -> Tensor | None:
-    """Evaluate an eval-mode batch norm as ``x * scale + shift``, or ``None`` when it does not apply.
+def affine_batch_norm_terms(bound: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+    """Per-channel ``(scale, shift)`` of an eval-mode batch norm, or ``None`` when it does not apply.
 
     Args:
         bound: ``F.batch_norm``'s arguments by name.
 
     Returns:
-        The normalized tensor, or ``None`` for train mode, missing running statistics, inputs
-        without a channel dimension, or mixed dtypes.
+        ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale`` (each ``[C]``), or
+        ``None`` for train mode, missing running statistics, inputs without a channel dimension, or
+        mixed dtypes.
+
+    Example:
+        >>> bn = torch.nn.BatchNorm1d(3).eval()
+        >>> bound = {"input": torch.ones(2, 3), "running_mean": bn.running_mean,
+        ...          "running_var": bn.running_var, "weight": bn.weight, "bias": bn.bias}
+        >>> scale, shift = affine_batch_norm_terms(bound)
+        >>> scale.shape
+        torch.Size([3])
     """
     x, mean, var = bound.get("input"), bound.get("running_mean"), bound.get("running_var")
     weight, bias = bound.get("weight"), bound.get("bias")
@@ -71,5 +60,22 @@ def affine_batch_norm(bound: dict[str, Any]) -> Tensor | None:
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias
+    return scale, shift
+
+
+def affine_batch_norm(bound: dict[str, Any]) -> Tensor | None:
+    """Evaluate an eval-mode batch norm as ``x * scale + shift``, or ``None`` when it does not apply.
+
+    Args:
+        bound: ``F.batch_norm``'s arguments by name.
+
+    Returns:
+        The normalized tensor, or ``None`` where :func:`affine_batch_norm_terms` does not apply.
+    """
+    terms = affine_batch_norm_terms(bound)
+    if terms is None:
+        return None
+    scale, shift = terms
+    x = bound["input"]
     shape = (1, -1) + (1,) * (x.ndim - 2)
     return x * scale.reshape(shape) + shift.reshape(shape)

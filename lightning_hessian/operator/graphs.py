@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..closure import LossClosure
 from ..memory import available_memory, saved_tensor_bytes
-from .batchnorm import EvalBatchNormAsAffine
+from .second_order import SecondOrderForms
 
 #: Share of free memory the cached first-order graphs may take.
 GRAPH_CACHE_SHARE = 0.25
@@ -63,7 +63,7 @@ class GraphCache:
         ``create_graph=False`` builds a plain gradient (for a dependence check where no product will
         differentiate it: gradient differences need no second-order graph, and some modules have none).
         """
-        with self.closure.context(), saved_tensor_bytes() as counter, EvalBatchNormAsAffine():
+        with self.closure.context(), saved_tensor_bytes() as counter, SecondOrderForms():
             leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
             loss = self.closure.batch_loss(leaves, index)
             if not loss.requires_grad:

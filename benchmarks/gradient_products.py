@@ -13,7 +13,9 @@ model in the same dtype:
 
 Cost: time per product in gradients (a plain ``torch.autograd.grad(loss_fn(model, batch), params)``
 on the module), interleaved (every repeat times each in turn), median of ``--repeats``; also on the
-141k mid-size CNN of ``benchmarks/common.py``.
+141k mid-size CNN of ``benchmarks/common.py``. Products are timed as an analysis runs them (with the
+operator's closure held, so the module's state is saved once around all of them), and central
+differences also as a standalone ``op @ v``, which saves and restores that state around itself.
 
 Compiled modules: ``torch.compile`` (inductor) of the tanh MLP with an MSE loss, where neither exact
 method works (aot_autograd has no double backward, and ``jvp(grad(F.mse_loss))`` fails in torch), and
@@ -29,6 +31,7 @@ leave out the compiled modules, whose inductor compilation takes a minute on 2 c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -207,29 +210,37 @@ def accuracy(name: str, dtype: torch.dtype) -> list:
 
 
 def cost(model: nn.Module, data, repeats: int) -> list[float]:
-    """Seconds per call of a plain gradient, and products in gradients: central, Richardson, exact."""
+    """Seconds per call of a plain gradient, and products in gradients: central, Richardson and exact
+    as an analysis runs them (its closure held: the module's state saved once, not per product), and
+    central as one standalone ``op @ v`` (which saves and restores the module's state itself).
+    """
     batch = data[0]
     params = [p for p in model.parameters() if p.requires_grad]
     ops = {
         m: quiet_operator(model, cross_entropy, data, hvp=m) for m in (FINITE_DIFFERENCE, RICHARDSON, REVERSE)
     }
+    standalone = quiet_operator(model, cross_entropy, data, hvp=FINITE_DIFFERENCE)
     v = torch.randn(ops[REVERSE].shape[0], generator=torch.Generator().manual_seed(0))
 
     def gradient() -> None:
         torch.autograd.grad(cross_entropy(model, batch), params)
 
     calls = {"gradient": gradient, **{m: (lambda op=op: op @ v) for m, op in ops.items()}}
+    calls["standalone"] = lambda: standalone @ v
     for call in calls.values():  # warm up: graphs, first-product checks
         quietly(call)
     times: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(repeats):
-        for key, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[key].append(time.perf_counter() - start)
+    with contextlib.ExitStack() as held:
+        for op in ops.values():
+            held.enter_context(op.closure.held())
+        for _ in range(repeats):
+            for key, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[key].append(time.perf_counter() - start)
     median = {k: statistics.median(t) for k, t in times.items()}
     return [median["gradient"]] + [
-        median[m] / median["gradient"] for m in (FINITE_DIFFERENCE, RICHARDSON, REVERSE)
+        median[m] / median["gradient"] for m in (FINITE_DIFFERENCE, "standalone", RICHARDSON, REVERSE)
     ]
 
 
@@ -360,7 +371,15 @@ def main() -> None:
     )
     print(
         markdown_table(
-            ["model", "gradient", "central", "Richardson", "reverse-over-reverse (exact)"], cost_rows
+            [
+                "model",
+                "gradient",
+                "central (in an analysis)",
+                "central (standalone op @ v)",
+                "Richardson",
+                "reverse-over-reverse (exact)",
+            ],
+            cost_rows,
         )
     )
     print(

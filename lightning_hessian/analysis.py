@@ -434,59 +434,60 @@ def analyze_with(
         and not sharded  # each sharded block estimates its own trace
     )
     tracker = _Progress(progress, _planned_products(sizes, dense, settings))
-    report = HessianReport(loss=op.loss(), num_samples=op.num_samples)
-    if not math.isfinite(report.loss):
-        raise NonFiniteHessianError(
-            f"The loss at which the Hessian is taken is {report.loss} (over all ranks); no curvature "
-            "can be computed there."
-        )
-    single = len(groups) == 1
-    for name, names in groups.items():
-        block_start = time.perf_counter()
-        block_op = op if single else op.restrict(names)
-        if not block_op.depends_on_parameters:
-            block = _zero_block(name, block_op.shape[0], settings)
-            warnings.warn(
-                f"The loss does not depend on the parameters of block {name!r} ({', '.join(names[:4])}"
-                f"{' ...' if len(names) > 4 else ''}): its Hessian is zero, and the other blocks are "
-                "evaluated as usual.",
-                UserWarning,
-                stacklevel=2,
+    with op.closure.held():  # the module's state is saved once, not around every product
+        report = HessianReport(loss=op.loss(), num_samples=op.num_samples)
+        if not math.isfinite(report.loss):
+            raise NonFiniteHessianError(
+                f"The loss at which the Hessian is taken is {report.loss} (over all ranks); no curvature "
+                "can be computed there."
             )
-        elif name in dense:
-            block = _dense_block(name, block_op, settings)
-            tracker.advance(block.size)
-        else:
-            counting = _CountingOperator(block_op, tracker)
-            if settings.krylov == "shared":
-                block = _shared_block(name, counting, settings, (start_vectors or {}).get(name))
+        single = len(groups) == 1
+        for name, names in groups.items():
+            block_start = time.perf_counter()
+            block_op = op if single else op.restrict(names)
+            if not block_op.depends_on_parameters:
+                block = _zero_block(name, block_op.shape[0], settings)
+                warnings.warn(
+                    f"The loss does not depend on the parameters of block {name!r} ({', '.join(names[:4])}"
+                    f"{' ...' if len(names) > 4 else ''}): its Hessian is zero, and the other blocks are "
+                    "evaluated as usual.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            elif name in dense:
+                block = _dense_block(name, block_op, settings)
+                tracker.advance(block.size)
             else:
-                block = _iterative_block(name, counting, settings, shared_trace)
-        if block.method != "zero":
-            previous = (previous_vectors or {}).get(name)
-            spent = int(round(block_dynamics(block, block_op, settings, optimizer, previous)))
-            if spent:
-                tracker.advance(spent)
-        if not single:
-            block_op.release_graphs()
-        block.seconds = time.perf_counter() - block_start
-        block.hvp = None if block.method == "zero" else block_op.choice.vector
-        report.blocks[name] = block
-    sharing = [name for name in iterative if report.blocks[name].method == "iterative"]
-    if shared_trace and sharing:
-        share_start = time.perf_counter()
-        traces = _shared_block_traces(
-            _CountingOperator(op, tracker),
-            {k: groups[k] for k in sharing},
-            op.space.slices(),
-            settings.trace_matvecs,
-            settings.seed,
-        )
-        share_seconds = (time.perf_counter() - share_start) / len(sharing)
-        for name, result in traces.items():
-            report.blocks[name].trace = result
-            report.blocks[name].num_matvecs += settings.trace_matvecs / len(sharing)
-            report.blocks[name].seconds += share_seconds
+                counting = _CountingOperator(block_op, tracker)
+                if settings.krylov == "shared":
+                    block = _shared_block(name, counting, settings, (start_vectors or {}).get(name))
+                else:
+                    block = _iterative_block(name, counting, settings, shared_trace)
+            if block.method != "zero":
+                previous = (previous_vectors or {}).get(name)
+                spent = int(round(block_dynamics(block, block_op, settings, optimizer, previous)))
+                if spent:
+                    tracker.advance(spent)
+            if not single:
+                block_op.release_graphs()
+            block.seconds = time.perf_counter() - block_start
+            block.hvp = None if block.method == "zero" else block_op.choice.vector
+            report.blocks[name] = block
+        sharing = [name for name in iterative if report.blocks[name].method == "iterative"]
+        if shared_trace and sharing:
+            share_start = time.perf_counter()
+            traces = _shared_block_traces(
+                _CountingOperator(op, tracker),
+                {k: groups[k] for k in sharing},
+                op.space.slices(),
+                settings.trace_matvecs,
+                settings.seed,
+            )
+            share_seconds = (time.perf_counter() - share_start) / len(sharing)
+            for name, result in traces.items():
+                report.blocks[name].trace = result
+                report.blocks[name].num_matvecs += settings.trace_matvecs / len(sharing)
+                report.blocks[name].seconds += share_seconds
     for block in report.blocks.values():
         block.num_matvecs = int(round(block.num_matvecs))
     report.num_matvecs = tracker.done

@@ -1,7 +1,8 @@
-"""Loss closure: ``(module, loss_fn, batches) -> loss(params)`` via ``torch.func.functional_call``.
+"""Loss closure: ``(module, loss_fn, batches) -> loss(params)`` with the parameters swapped in.
 
-The closure never mutates the module: parameters are swapped in functionally, mode changes and
-BatchNorm running statistics are undone, and every random-number generator is restored.
+The closure never mutates the module: parameters are swapped into its slots for the call and put back
+(:class:`~lightning_hessian.state.TensorSlots`, what ``torch.func.functional_call`` does), mode
+changes and BatchNorm running statistics are undone, and every random-number generator is restored.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .batches import BatchSizeFn, infer_batch_size, prepare_batch
 from .state import (
+    TensorSlots,
     batch_norm_without_running_stats,
     differentiable_context,
     preserved_module_state,
     preserved_rng_state,
-    preserved_tensor_slots,
     silenced_logging,
 )
 from .validation import check_callable, check_choice, check_dtype
@@ -114,9 +114,7 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
 
 
 class _LossModule(nn.Module):
-    """Wraps ``loss_fn(model, batch)`` as a module so ``functional_call`` can swap the parameters
-    that ``loss_fn`` sees when it calls the model (or any of its methods).
-    """
+    """Wraps ``loss_fn(model, batch)`` as a module (with ``training_step``'s ``batch_idx``)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
@@ -142,6 +140,12 @@ def _scalar(loss: Any) -> Tensor:
             "reduction='mean' in the loss function."
         )
     return loss.reshape(())
+
+
+class _Hold:
+    """How deep the :meth:`LossClosure.held` calls over one model are nested."""
+
+    depth: int = 0
 
 
 class LossClosure:
@@ -194,6 +198,9 @@ class LossClosure:
             raise ValueError(f"Every batch must hold at least one sample; sizes: {self.batch_sizes}.")
         self.num_samples = sum(self.batch_sizes)
         self._wrapper = _LossModule(model, self.loss_fn)
+        self._slots = TensorSlots(model)
+        self._hold = _Hold()  # shared with subset() copies
+        self._device: torch.device | None = None
         self.batch_offset = 0  # index of the first batch in the data it was taken from (see subset)
         if mode == "train" and any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
             warnings.warn(
@@ -219,8 +226,10 @@ class LossClosure:
     @property
     def device(self) -> torch.device:
         """Device of the model's first parameter (CPU for a parameterless model)."""
-        first = next(self.model.parameters(), None)
-        return first.device if first is not None else torch.device("cpu")
+        if self._device is None:
+            first = next(self.model.parameters(), None)
+            self._device = first.device if first is not None else torch.device("cpu")
+        return self._device
 
     def buffers(self) -> dict[str, Tensor]:
         """Tensors held fixed while differentiating: buffers and, when computing in another dtype,
@@ -233,6 +242,41 @@ class LossClosure:
         return fixed
 
     @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Set the mode and save every state once around many :meth:`context` entries.
+
+        Entering :meth:`context` saves and restores the generators, training flags, buffers and
+        ``.grad`` (hundreds of microseconds, more than a small model's gradient); inside ``held``
+        it only sets up autograd, and everything is restored when ``held`` exits. An analysis holds
+        its closure for all its products (no user code runs between them); nested calls, also from
+        :meth:`subset` closures, share the outermost one.
+
+        Example:
+            >>> with closure.held():
+            ...     for i in range(len(closure.batches)):
+            ...         with closure.context():
+            ...             loss = closure.batch_loss(params, i)
+        """
+        if self._hold.depth:
+            self._hold.depth += 1
+            try:
+                yield
+            finally:
+                self._hold.depth -= 1
+            return
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(preserved_rng_state([self.device]))
+            stack.enter_context(preserved_module_state(self.model))
+            self.model.train(self.mode == "train")
+            if self.mode == "train":
+                stack.enter_context(batch_norm_without_running_stats(self.model))
+            self._hold.depth = 1
+            try:
+                yield
+            finally:
+                self._hold.depth = 0
+
+    @contextlib.contextmanager
     def context(self, second_order: bool = True) -> Iterator[None]:
         """Enter once around any number of loss evaluations: sets the mode, restores all state.
 
@@ -241,13 +285,7 @@ class LossClosure:
                 the math kernel, see :func:`~lightning_hessian.state.differentiable_context`); plain
                 gradients keep the module's own attention kernel.
         """
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(preserved_rng_state([self.device]))
-            stack.enter_context(preserved_module_state(self.model))
-            self.model.train(self.mode == "train")
-            if self.mode == "train":
-                stack.enter_context(batch_norm_without_running_stats(self.model))
-            stack.enter_context(differentiable_context(self.device, math_attention=second_order))
+        with self.held(), differentiable_context(self.device, math_attention=second_order):
             yield
 
     def batch_loss(
@@ -267,14 +305,11 @@ class LossClosure:
             ValueError: If the loss is not a scalar.
         """
         fixed = self.buffers() if buffers is None else buffers
-        swapped = {f"model.{k}": v for k, v in fixed.items()}
-        swapped.update((f"model.{k}", v) for k, v in params.items())
         if self.mode == "train":
             # One fixed random stream per batch, so dropout draws the same mask for every product.
             torch.manual_seed(_TRAIN_MODE_SEED + self.batch_offset + index)
-        with preserved_tensor_slots(self.model):
-            batch_idx = self.batch_offset + index
-            loss = functional_call(self._wrapper, swapped, (self.batches[index], batch_idx), strict=False)
+        with self._slots.swapped({**fixed, **params}):
+            loss = self._wrapper(self.batches[index], self.batch_offset + index)
         return _scalar(loss)
 
     def module_loss(self, index: int) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -190,12 +191,12 @@ class ParameterSpace:
         """Build the space of a name -> tensor mapping (in its order)."""
         return cls(tuple(tensors), tuple(t.shape for t in tensors.values()))
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         """Number of entries of each tensor."""
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         """Total number of parameters ``N``."""
         return sum(self.sizes)
@@ -238,7 +239,16 @@ class ParameterSpace:
         }
 
     def subspace(self, names: Sequence[str]) -> ParameterSpace:
-        """The space of a subset of the parameters, in this space's order."""
-        wanted = set(names)
-        kept = [(n, s) for n, s in zip(self.names, self.shapes, strict=True) if n in wanted]
-        return ParameterSpace(tuple(n for n, _ in kept), tuple(s for _, s in kept))
+        """The space of a subset of the parameters, in this space's order (built once per subset)."""
+        key = tuple(names)
+        cached = self._subspaces.get(key)
+        if cached is None:
+            wanted = set(key)
+            kept = [(n, s) for n, s in zip(self.names, self.shapes, strict=True) if n in wanted]
+            cached = ParameterSpace(tuple(n for n, _ in kept), tuple(s for _, s in kept))
+            self._subspaces[key] = cached
+        return cached
+
+    @cached_property
+    def _subspaces(self) -> dict[tuple[str, ...], ParameterSpace]:
+        return {}

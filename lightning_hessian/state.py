@@ -1,10 +1,10 @@
 """Context managers that let the library run a user's module and leave no trace on it.
 
-Each one saves one kind of state on entry and restores it on exit: random generators, training flags,
-buffers and ``.grad``, the module's own parameter objects, BatchNorm's running statistics in train
-mode, ``self.log`` of a LightningModule, torchmetrics states and number attributes of submodules; and
-:func:`differentiable_context` sets up autograd so that every differentiation mode works whatever the
-caller holds (inference mode, autocast, fused attention).
+Each one saves one kind of state on entry and restores it on exit: random generators, training
+flags, buffers and ``.grad``, the module's own parameter objects (:class:`TensorSlots`), BatchNorm's
+running statistics in train mode, ``self.log`` of a LightningModule, torchmetrics states and number
+attributes of submodules; and :func:`differentiable_context` sets up autograd so that every
+differentiation mode works whatever the caller holds (inference mode, autocast, fused attention).
 """
 
 from __future__ import annotations
@@ -76,28 +76,70 @@ def preserved_module_state(module: nn.Module) -> Iterator[None]:
             p.grad = grad
 
 
-@contextlib.contextmanager
-def preserved_tensor_slots(module: nn.Module) -> Iterator[None]:
-    """Put every submodule's own parameter and buffer objects back on exit.
+class TensorSlots:
+    """Every parameter and buffer slot of a module by name, to swap tensors in and put them back.
 
-    Restoring the slots keeps the module's identity even where ``functional_call`` does not; see
-    NOTE [functional_call and tied parameters].
+    What ``torch.func.functional_call`` does on every call (walk the module, find the slots of each
+    name, untie tied tensors) done once, so that a loss evaluation costs what the module's own forward
+    costs. A name given a tensor fills every slot that holds the same tensor as that name (tied
+    parameters, registered under several names, all take it); :meth:`swapped` puts the module's own
+    objects back on exit, whatever the forward did to those slots.
+
+    # NOTE [Swapping tensors into module slots]
+    Assigning into ``module._parameters``/``module._buffers`` is what ``functional_call`` does too
+    (``NamedMemberAccessor.swap_tensor``); modules that cache their parameters, such as ``nn.LSTM``'s
+    flat weights, check their slots' identity in forward for that reason. Slots are looked up when the
+    closure is made: a module whose structure changes afterwards needs a new closure.
+
+    Args:
+        module: The module whose slots to index.
+
+    Example:
+        >>> lin = nn.Linear(2, 1)
+        >>> slots = TensorSlots(lin)
+        >>> with slots.swapped({"weight": torch.zeros(1, 2)}):
+        ...     lin(torch.ones(1, 2)) - lin.bias
+        tensor([[0.]], grad_fn=<SubBackward0>)
+        >>> isinstance(lin.weight, nn.Parameter)
+        True
     """
-    # NOTE [functional_call and tied parameters]
-    # In torch 2.13, functional_call leaves the swapped-in tensors on the module for parameters
-    # that are tied (one tensor registered under two names). The tests of shared parameters check
-    # the module's own parameter objects after a Hessian of a tied-weight model.
-    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, parameters, buffers in slots:
-            for name, tensor in parameters.items():
-                if m._parameters.get(name) is not tensor:
-                    m._parameters[name] = tensor
-            for name, tensor in buffers.items():
-                if m._buffers.get(name) is not tensor:
-                    m._buffers[name] = tensor
+
+    def __init__(self, module: nn.Module) -> None:
+        self._slots: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        first_name: dict[int, str] = {}
+        named = (
+            ("_parameters", module.named_parameters(remove_duplicate=False)),
+            ("_buffers", module.named_buffers(remove_duplicate=False)),
+        )
+        for kind, members in named:
+            for name, tensor in members:
+                owner_name, _, key = name.rpartition(".")
+                owner = module.get_submodule(owner_name)
+                canonical = first_name.setdefault(id(tensor), name)
+                slots = self._slots.setdefault(canonical, [])
+                slots.append((getattr(owner, kind), key))
+                self._slots[name] = slots  # an alias shares its tensor's slot list
+
+    @contextlib.contextmanager
+    def swapped(self, tensors: dict[str, Tensor]) -> Iterator[None]:
+        """Put ``tensors`` (by parameter or buffer name) in their slots; the originals back on exit.
+
+        Raises:
+            KeyError: If a name is neither a parameter nor a buffer of the module.
+        """
+        saved: list[tuple[dict[str, Any], str, Any]] = []
+        try:
+            for name, tensor in tensors.items():
+                slots = self._slots.get(name)
+                if slots is None:
+                    raise KeyError(f"{name!r} is neither a parameter nor a buffer of the module.")
+                for members, key in slots:
+                    saved.append((members, key, members[key]))
+                    members[key] = tensor
+            yield
+        finally:
+            for members, key, original in reversed(saved):
+                members[key] = original
 
 
 @contextlib.contextmanager
@@ -124,12 +166,15 @@ def differentiable_context(device: torch.device, math_attention: bool = True) ->
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    # Only what differs from the wanted state is entered: this runs around every product.
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(torch.autocast("cpu", enabled=False))
-        if device.type == "cuda" or torch.cuda.is_available():
-            stack.enter_context(torch.autocast("cuda", enabled=False))
+        if torch.is_inference_mode_enabled():
+            stack.enter_context(torch.inference_mode(False))
+        if not torch.is_grad_enabled():
+            stack.enter_context(torch.enable_grad())
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
         if math_attention:
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         yield

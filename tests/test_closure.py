@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_hessian as lh
+import lightning_hessian.closure as closure_module
+from lightning_hessian.state import TensorSlots
 from tests.helpers import SEED_A, Quadratic, cross_entropy_loss, quadratic_loss, reference_hessian, tiny, zoo
 
 # --------------------------------------------------------------------------- state and modes
@@ -212,3 +214,47 @@ def test_bad_mode_is_rejected():
     model, data = tiny()
     with pytest.raises(ValueError, match="`mode='test'` is not supported"):
         lh.hessian(model, cross_entropy_loss, data, mode="test")
+
+
+# --------------------------------------------------------------------------- held state and slots
+
+
+def test_held_saves_state_once_and_restores_it_after_many_products(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)).train()
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    op = lh.HessianOperator(model, cross_entropy_loss, [(x[:3], y[:3]), (x[3:], y[3:])], mode="eval")
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1))
+    standalone = op @ v
+    before = _snapshot(model)
+    saves = []
+    original = closure_module.preserved_module_state
+    monkeypatch.setattr(closure_module, "preserved_module_state", lambda m: saves.append(m) or original(m))
+    with op.closure.held():
+        assert len(saves) == 1 and not any(m.training for m in model.modules())
+        held_product = op @ v
+        op.for_batch(1) @ v  # a per-batch operator's closure shares the hold
+        assert len(saves) == 1
+    torch.testing.assert_close(held_product, standalone, rtol=0, atol=0)
+    after = _snapshot(model)
+    assert after[1] == before[1] and all(after[1])
+    assert torch.equal(after[3], before[3]) and after[4] == before[4]
+    op @ v  # outside held, a product saves and restores the state itself again
+    assert len(saves) == 2
+
+
+def test_slots_swap_tied_parameters_together_and_put_the_originals_back():
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.Tanh(), shared)  # one tensor under two names
+    slots = TensorSlots(model)
+    weight, bias = shared.weight, shared.bias
+    x = torch.randn(2, 3)
+    new = {"0.weight": torch.zeros(3, 3), "0.bias": torch.ones(3)}
+    with slots.swapped(new):
+        assert torch.equal(model(x), torch.ones(2, 3))  # both uses of the tied layer saw the new tensors
+    assert shared.weight is weight and shared.bias is bias
+    with pytest.raises(RuntimeError, match="boom"), slots.swapped(new):
+        raise RuntimeError("boom")
+    assert shared.weight is weight
+    with pytest.raises(KeyError, match="neither a parameter nor a buffer"), slots.swapped({"nope": x}):
+        pass

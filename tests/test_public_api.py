@@ -10,6 +10,7 @@ changed: if that is intended, update the literal in the same change and say so i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 
 import pytest
@@ -404,8 +405,8 @@ def test_other_class_members_are_pinned():
     ]
     assert [f.name for f in dataclasses.fields(lh.ParameterSpace)] == ["names", "shapes"]
     assert isinstance(inspect.getattr_static(lh.ParameterSpace, "from_tensors"), classmethod)
-    for name in ("numel", "sizes"):
-        assert isinstance(inspect.getattr_static(lh.ParameterSpace, name), property), name
+    for name in ("numel", "sizes"):  # read-only attributes, computed once (cached_property)
+        assert isinstance(inspect.getattr_static(lh.ParameterSpace, name), functools.cached_property), name
     own = sorted(
         name
         for name in vars(lh.HessianCallback)

@@ -111,21 +111,22 @@ class ProductKernels:
             product = partial(self._difference, method=method, step_factor=step_factor)
         else:
             product = self._reverse if method == REVERSE else self._forward
-        for i in range(len(self.closure.batches)):
-            weight = self.closure.weight(i, self.num_samples)
-            pieces = product(i, tangents, batched, target_space.names)
-            for destination, piece in zip(columns, pieces, strict=True):
-                if piece is None:  # the target does not depend on the support
-                    if i == 0:
-                        destination.zero_()
-                    continue
-                piece = piece.detach().reshape(m, -1)
-                if i > 0:
-                    destination.add_(piece, alpha=weight)
-                elif weight == 1.0:
-                    destination.copy_(piece)
-                else:
-                    torch.mul(piece, weight, out=destination)
+        with self.closure.held():
+            for i in range(len(self.closure.batches)):
+                weight = self.closure.weight(i, self.num_samples)
+                pieces = product(i, tangents, batched, target_space.names)
+                for destination, piece in zip(columns, pieces, strict=True):
+                    if piece is None:  # the target does not depend on the support
+                        if i == 0:
+                            destination.zero_()
+                        continue
+                    piece = piece.detach().reshape(m, -1)
+                    if i > 0:
+                        destination.add_(piece, alpha=weight)
+                    elif weight == 1.0:
+                        destination.copy_(piece)
+                    else:
+                        torch.mul(piece, weight, out=destination)
         return out
 
     def _reverse(
@@ -284,14 +285,14 @@ class ProductKernels:
 
         A zero tangent gives zeros.
         """
-        m = next(iter(tangents.values())).shape[0]
         lengths = [self._lengths[n] for n in tangents]
-        norms = torch.stack([t.reshape(m, -1).norm(dim=1) for t in tangents.values()]).T.tolist()
+        rows = list(zip(*tangents.values(), strict=True))
         columns: list[list[Tensor]] = [[] for _ in targets]
         with self.closure.context(second_order=False):
             fixed = self.closure.buffers()
-            for j, row_norms in enumerate(norms):
-                direction = {n: t[j] for n, t in tangents.items()}
+            for row in rows:
+                direction = dict(zip(tangents, row, strict=True))
+                row_norms = torch.stack(torch._foreach_norm(row)).tolist()
                 if not any(row_norms):
                     pieces = [torch.zeros_like(self.params[n]) for n in targets]
                 elif method == RICHARDSON:
@@ -304,7 +305,7 @@ class ProductKernels:
                     pieces = self._central(index, direction, step, targets, fixed)
                 for column, piece in zip(columns, pieces, strict=True):
                     column.append(piece)
-        return [torch.stack(column) for column in columns]
+        return [column[0].unsqueeze(0) if len(column) == 1 else torch.stack(column) for column in columns]
 
     def _central(
         self,
@@ -317,7 +318,9 @@ class ProductKernels:
         """``(g(θ + step d) - g(θ - step d)) / (2 step)`` of batch ``index``, for the targets."""
         plus = self._gradient_at(index, direction, step, targets, fixed)
         minus = self._gradient_at(index, direction, -step, targets, fixed)
-        return [torch.sub(p, q).div_(2 * step) for p, q in zip(plus, minus, strict=True)]
+        differences = torch._foreach_sub(plus, minus)
+        torch._foreach_div_(differences, 2 * step)
+        return differences
 
     def _gradient_at(
         self,
@@ -334,8 +337,8 @@ class ProductKernels:
         stops at the first layer that holds one.
         """
         values = dict(self.params)
-        for name, d in direction.items():
-            values[name] = torch.add(self.params[name], d, alpha=step)
+        moved = torch._foreach_add([self.params[n] for n in direction], list(direction.values()), alpha=step)
+        values.update(zip(direction, moved, strict=True))
         leaves = {n: values[n].detach().requires_grad_(True) for n in targets}
         loss = self.closure.batch_loss({**values, **leaves}, index, fixed)
         if not loss.requires_grad:  # the loss does not depend on the targets

@@ -276,18 +276,28 @@ def affordable(args: argparse.Namespace) -> None:
         old_accuracy.append(_accuracy(old_report, exact))
         new_accuracy.append(_accuracy(analyze_with(model, None, batches, new_cold), exact))
     top_k = hessian.settings.top_k  # its top Ritz vectors are kept, as with HessianCallback(warm_start=True)
-    top_only = dataclasses.replace(
-        hessian.settings, min_eigenvalue=False, density=False, trace=False, keep_vectors=top_k
+    top_only = dataclasses.replace(  # the top-k search alone: no other quantity spends products
+        hessian.settings,
+        min_eigenvalue=False,
+        density=False,
+        trace=False,
+        gradient_geometry=False,
+        keep_vectors=top_k,
     )
     overlaps = [h.get("hessian/model/eigenvector_overlap") for h in hessian.history if h.get("ok")]
     overlaps = [value for value in overlaps if value is not None]  # none at the first evaluation
-    cold, warm, previous = [], [], None
+    cold, warm, differences, converged, previous = [], [], [], [], None
     for state in snapshots.states:
         model = _model_at(state)
         cold_report = analyze_with(model, None, batches, top_only)
         if previous is not None:
-            warm.append(analyze_with(model, None, batches, top_only, start_vectors=previous).num_matvecs)
+            warm_report = analyze_with(model, None, batches, top_only, start_vectors=previous)
+            warm.append(warm_report.num_matvecs)
             cold.append(cold_report.num_matvecs)
+            cold_values = cold_report.blocks["model"].eigenvalues.values.double()
+            warm_values = warm_report.blocks["model"].eigenvalues.values.double()
+            differences.append(float(((warm_values - cold_values).abs() / cold_values.abs()).max()))
+            converged.append(bool(warm_report.blocks["model"].eigenvalues.converged.all()))
         previous = {"model": cold_report.blocks["model"].ritz_vectors}
     budget_share = sum(h["wall_seconds"] for h in budgeted.history if h.get("ok")) / budget_seconds
     one_evaluation = (
@@ -344,8 +354,9 @@ def affordable(args: argparse.Namespace) -> None:
         f"\nWarm starts (top-k only, tol={hessian.settings.tol:g}, evaluations 2..{evaluations}): cold "
         f"{statistics.mean(cold):.1f} products, warm {statistics.mean(warm):.1f}, ratio "
         f"{statistics.mean(warm) / statistics.mean(cold):.2f}x (per evaluation: "
-        f"{', '.join(f'{w}/{c}' for w, c in zip(warm, cold, strict=True))}); top-3 eigenspace overlap "
-        f"between consecutive evaluations {statistics.mean(overlaps):.2f} (mean; 1 = unmoved)"
+        f"{', '.join(f'{w}/{c}' for w, c in zip(warm, cold, strict=True))}); warm vs cold top-k, largest "
+        f"relative difference {max(differences):.1e}, warm all converged {all(converged)}; top-3 eigenspace "
+        f"overlap between consecutive evaluations {statistics.mean(overlaps):.2f} (mean; 1 = unmoved)"
     )
     print(
         f"Budget max_overhead=0.1: {len([h for h in budgeted.history if h.get('ok')])} of {evaluations} "

@@ -233,8 +233,10 @@ class HessianCallback(Callback):
         warm_start: Start each evaluation's Krylov space from the previous evaluation's top Ritz
             vectors of the same block (plus the fresh random probes), kept on the device, else on
             the CPU, else dropped with one info message. A new or resumed ``fit`` starts cold. Off by
-            default: the kept vectors widen every block step, which pays only where the top
-            eigenvectors turn little between evaluations (README, "What it costs", has the numbers).
+            default: with a density the kept vectors widen every block step, which pays only where
+            the top eigenvectors turn little between evaluations; without one (``density=False``) a
+            warm start is one chain from the kept vectors and a probe (NOTE [Warm start without
+            density] in :mod:`~lightning_hessian.shared_space`). README, "What it costs", has the numbers.
 
     Raises:
         TypeError: For an argument of the wrong type (a ``loss_fn`` that cannot be called as

@@ -105,7 +105,10 @@ def test_warm_and_cold_starts_agree_within_the_tolerance(density):
     )
     scale = float(values.abs().max())
     torch.testing.assert_close(warm.eigenvalues.values, cold.eigenvalues.values, rtol=0, atol=2e-6 * scale)
-    assert warm.num_steps <= cold.num_steps
+    if density:  # the same block steps, the warm vectors beside the probes
+        assert warm.num_steps <= cold.num_steps
+    else:  # one chain, one vector per step: compare products
+        assert warm.num_matvecs < cold.num_matvecs
 
 
 @pytest.mark.parametrize("density", [True, False])
@@ -126,6 +129,80 @@ def test_a_new_eigenvalue_that_overtakes_the_previous_top_is_found_with_a_warm_s
         MatrixOperator(changed), top_k=3, tol=1e-6, max_steps=60, seed=1, start_vectors=v, density=density
     )
     torch.testing.assert_close(after.eigenvalues.values, exact, rtol=0, atol=1e-5 * float(exact[0]))
+
+
+def top_only(op: MatrixOperator, tol: float, seed: int, **kwargs) -> shared_space.SharedSpaceResult:
+    """The top 3 alone, without density, stopping from the first step on (as ``analyze`` runs it)."""
+    return shared_space_estimates(
+        op,
+        top_k=3,
+        min_eigenvalue=False,
+        density=False,
+        trace=False,
+        tol=tol,
+        min_steps=1,
+        seed=seed,
+        **kwargs,
+    )
+
+
+def with_new_direction(matrix: torch.Tensor, old: torch.Tensor, value: float, seed: int) -> torch.Tensor:
+    """``matrix`` plus a rank-one term that puts an eigenvalue near ``value`` along a random direction
+    orthogonal to the columns of ``old``."""
+    u = torch.randn(matrix.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for _ in range(2):
+        u = u - old @ (old.T @ u)
+    u = u / u.norm()
+    return matrix + (value - float(u @ matrix @ u)) * torch.outer(u, u)
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_warm_and_cold_starts_without_density_match_the_exact_top_after_the_spectrum_moved(tol):
+    matrix, _ = hessian_like()
+    kept = top_only(MatrixOperator(matrix), tol, seed=0, keep_vectors=3).vectors
+    noise = torch.randn(300, 300, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    moved = matrix + 0.1 * (noise + noise.T) / 2  # the kept vectors are now only moderately good
+    exact = torch.linalg.eigvalsh(moved).flip(0)[:3]
+    cold = top_only(MatrixOperator(moved), tol, seed=1)
+    warm = top_only(MatrixOperator(moved), tol, seed=1, start_vectors=kept)
+    threshold = tol * float(exact[0])
+    for result in (cold, warm):
+        assert bool(result.eigenvalues.converged.all())
+        assert torch.all(result.eigenvalues.residuals <= result.eigenvalues.tol)
+        torch.testing.assert_close(result.eigenvalues.values, exact, rtol=0, atol=threshold)
+    torch.testing.assert_close(warm.eigenvalues.values, cold.eigenvalues.values, rtol=0, atol=threshold)
+    assert warm.num_matvecs < cold.num_matvecs
+
+
+# 29 is far above the old top 9, 9.3 just above it, 5.5 between the old second (6) and third (5),
+# 5.05 just above the old third (by 5.5 times the residual threshold 0.009).
+@pytest.mark.parametrize("value", [29.0, 9.3, 5.5, 5.05])
+def test_a_new_eigenvalue_entering_the_top_is_found_with_a_warm_start_without_density(value):
+    """The old vectors stay exact eigenvectors, so they converge at once: only the random part of
+    the start can reveal the new direction (NOTE [Warm start without density])."""
+    matrix, _ = hessian_like()
+    tol = 1e-3
+    kept = top_only(MatrixOperator(matrix), tol, seed=0, keep_vectors=3).vectors
+    for seed in range(10):
+        changed = with_new_direction(matrix, kept, value, seed)
+        exact = torch.linalg.eigvalsh(changed).flip(0)[:3]
+        warm = top_only(MatrixOperator(changed), tol, seed=seed + 1, start_vectors=kept)
+        assert bool(warm.eigenvalues.converged.all())
+        torch.testing.assert_close(warm.eigenvalues.values, exact, rtol=0, atol=tol * float(exact[0]))
+
+
+@pytest.mark.parametrize("top", [(9.0, 9.0, 5.0, 3.0), (9.0, 9.0, 9.0, 3.0)])
+def test_a_warm_start_keeps_the_copies_of_a_repeated_eigenvalue_that_its_vectors_carry(top):
+    generator = torch.Generator().manual_seed(0)
+    bulk = 0.05 * torch.randn(295, generator=generator, dtype=torch.float64) - 0.02
+    values = torch.cat([torch.tensor([*top, -0.8], dtype=torch.float64), bulk]).sort().values
+    op = MatrixOperator(with_spectrum(values, 0))
+    tol = 1e-3
+    cold = top_only(op, tol, seed=0, keep_vectors=3)
+    warm = top_only(op, tol, seed=1, start_vectors=cold.vectors)
+    exact = values.flip(0)[:3]
+    for result in (cold, warm):
+        torch.testing.assert_close(result.eigenvalues.values, exact, rtol=0, atol=tol * float(exact[0]))
 
 
 def test_a_basis_that_cannot_fit_is_refused_before_allocating(monkeypatch):

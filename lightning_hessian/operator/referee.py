@@ -114,8 +114,10 @@ class Referee:
         self.kernels, self.rows, self.support, self.targets = kernels, rows, support, targets
         self.seconds = math.nan  # per row, of the first difference
         self._product = product
+        self._own_product = product is None
         self._gradients: dict[float, Tensor] = {}  # of the first row, by multiple of the step
         self._step = math.nan
+        self._version = kernels.kinks.version
 
     def product(self) -> Tensor:
         """``D(h)`` of every row (two gradients each): the referee, and the fallback's product.
@@ -123,7 +125,8 @@ class Referee:
         Raises:
             RuntimeError: If the differences are not finite.
         """
-        if self._product is None:
+        self._sync()
+        while self._product is None:
             start = time.perf_counter()
             out = torch.zeros(
                 self.rows.shape[0],
@@ -135,7 +138,8 @@ class Referee:
                 if float(row.norm()) > 0:
                     out[j] = self._central(row, 1.0, keep=j == 0)
             self.seconds = (time.perf_counter() - start) / self.rows.shape[0]
-            self._product = _finite(out)
+            if not self._sync():  # else freezing stopped on the way: all rows again, unfrozen
+                self._product = _finite(out)
         return self._product
 
     def kinks(self) -> float:
@@ -190,11 +194,26 @@ class Referee:
         """
         if not keep:
             return self.kernels.gradients_along(row, self.support, self.targets, multiples)
+        self._sync()
         missing = tuple(k for k in multiples if k not in self._gradients)
         if missing:
             found, self._step = self.kernels.gradients_along(row, self.support, self.targets, missing)
+            if self._sync():  # freezing stopped on the way: the kept gradients are dropped
+                return self._fill(row, multiples, keep)
             self._gradients.update(zip(missing, found, strict=True))
         return [self._gradients[k] for k in multiples], self._step
+
+    def _sync(self) -> bool:
+        """Drop the differences kept from before the kernels stopped freezing kinks (NOTE [Frozen
+        kinks]), so that a referee never mixes frozen and unfrozen gradients; whether it did.
+        """
+        if self.kernels.kinks.version == self._version:
+            return False
+        self._version = self.kernels.kinks.version
+        self._gradients.clear()
+        if self._own_product:
+            self._product = None
+        return True
 
 
 def _finite(values: Tensor) -> Tensor:

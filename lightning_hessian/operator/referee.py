@@ -16,8 +16,10 @@ gradient at ``θ`` is free from the cached first-order graphs): on a smooth loss
 ``h / L``, 5e-3 in float32; a kink inside the step (NOTE [Kinks] in :mod:`.differences`) puts its jump
 into both, and where the product is nearly zero both are rounding noise, so the ratio nears 1. Above
 0.1 there is no verdict, and the exact method stays, recorded as unverified: so the referee cannot
-judge float32 products of ReLU networks, nor the zero Hessian of a bias before a train-mode
-BatchNorm (NOTE [Disagreement the referee cannot resolve]). Otherwise a second difference at a
+judge float32 products of networks whose kinks the differences do not freeze (``abs``, ``clamp``, a
+compiled module's; ReLU and max-pool kinks are frozen at ``θ``, NOTE [Frozen kinks] in :mod:`.kinks`,
+and their networks' products are judged like smooth ones), nor the zero Hessian of a bias before a
+train-mode BatchNorm (NOTE [Disagreement the referee cannot resolve]). Otherwise a second difference at a
 quarter of the step measures the referee's spread ``||D(h) - D(h/4)||`` (two more gradients; rounding
 grows and truncation shrinks at the smaller step, so the spread is at least about ``D(h)``'s error), and
 ``p`` is wrong only if it is more than :data:`REFEREE_MARGIN` times further from ``D(h)`` than that.

@@ -13,7 +13,7 @@ jump, of size ``O(1)``, divided by ``2h`` (NOTE [Kinks] in :mod:`.differences`).
 are about ``6e-3 L``, that made products on ReLU networks wrong by 100% and more.
 
 Under :class:`FrozenKinks` the forward passes at ``θ ± h d`` compute ``f_θ`` itself: each kinked call
-reuses the pattern recorded, call by call, in a forward pass at ``θ`` (relu as ``where(mask, x, 0)``,
+reuses the pattern recorded, call by call, in a forward pass at ``θ`` (relu as ``x * mask``,
 leaky ReLU as ``where(mask, x, slope x)``, hardtanh as ``x`` inside its window and the recorded bound
 outside, max-pooling as a gather at the recorded argmax indices). At ``θ`` each replayed form has the
 native function's value and the derivative of its native backward formula (the mask ``x > 0``,
@@ -125,6 +125,8 @@ class _Threshold(_Kink):
 
     def replay(self, bound: Bound, pattern: Tensor) -> Any:
         x, value = bound["input"], bound["value"]
+        if value == 0:  # relu: a product with the bool mask, as fast as relu (torch.where is 2-3x slower)
+            return x.mul_(pattern) if bound["inplace"] else x * pattern
         if bound["inplace"]:
             return x.masked_fill_(pattern.logical_not(), value)
         return torch.where(pattern, x, value)

@@ -20,8 +20,10 @@ recorded in the pass at ``θ`` that builds the operator (NOTE [Frozen kinks] in
 :mod:`lightning_hessian.operator.kinks`), so that ReLU networks get the Hessian of the exact methods,
 not the gradient jumps of kinks crossed within the step; every rank agrees on each product's replay.
 
-About 480 lines, 125 of them docstrings: the sharded operator mirrors the public surface of
-:class:`~lightning_hessian.HessianOperator` (products, loss, gradient, per-batch sharpness, restrict).
+About 580 lines, 140 of them docstrings: the sharded operator mirrors the public surface of
+:class:`~lightning_hessian.HessianOperator` (products, loss, gradient, per-batch sharpness, restrict),
+and keeps the replay of frozen kinks (about 90 lines), whose every decision is a collective taken
+between its own passes.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from torch.overrides import _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 
 import lightning_hessian as lh
-from lightning_hessian.operator import FORWARD, REVERSE
+from lightning_hessian.operator import FORWARD, REVERSE, selection
 from lightning_hessian.operator.differences import FINITE_DIFFERENCE, RICHARDSON, difference_step
 from lightning_hessian.operator.kinks import FrozenKinks, KinkPatterns, _recomputes_forward
 from tests.helpers import cross_entropy_loss
@@ -42,6 +42,7 @@ ACTIVATIONS = {
     "leaky_relu_inplace": (nn.LeakyReLU(0.1, inplace=True), 16),
     "threshold": (nn.Threshold(0.0, -0.5), 16),
     "hardtanh": (nn.Hardtanh(), 16),
+    "hardtanh_inplace": (nn.Hardtanh(inplace=True), 16),
     "relu6": (nn.ReLU6(), 16),
     "max_pool1d": (lambda z: F.max_pool1d(z.view(-1, 2, 8), 2), 8),
     "max_pool2d_return_indices": (_unpooled, 16),
@@ -69,8 +70,8 @@ def _targets(kind: str) -> torch.Tensor:
     wiggle = TINY * torch.randn(16, generator=g, dtype=DOUBLE)
     if kind in _NEAR_ZERO:
         return wiggle
-    if kind in ("hardtanh", "relu6"):
-        low, high = (-1.0, 1.0) if kind == "hardtanh" else (0.0, 6.0)
+    if kind in ("hardtanh", "hardtanh_inplace", "relu6"):
+        low, high = (0.0, 6.0) if kind == "relu6" else (-1.0, 1.0)
         return torch.where(torch.arange(16) % 2 == 0, low, high) + wiggle
     return 0.5 + wiggle  # pooling: every window nearly tied
 
@@ -192,12 +193,19 @@ def test_top_eigenvalues_of_a_relu_cnn_from_frozen_differences_match_the_exact_o
         model.bn.running_mean.uniform_(-0.5, 0.5)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(16, 2, 6, 6, generator=g, dtype=DOUBLE), torch.randint(0, 3, (16,), generator=g))]
+    with torch.no_grad():  # one pixel of sample 0 within 1e-9 of the ReLU's kink in every channel
+        model.bn.bias -= model.bn(model.conv(data[0][0][:1]))[0, :, 2, 3] - TINY
     exact = lh.eigenvalues(lh.HessianOperator(model, cross_entropy_loss, data, hvp=REVERSE), 3, tol=1e-10)
     op = lh.HessianOperator(model, cross_entropy_loss, data, hvp=FINITE_DIFFERENCE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         found = lh.eigenvalues(op, 3, tol=1e-10)
     torch.testing.assert_close(found.values, exact.values, rtol=1e-8, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op = _unfrozen(lh.HessianOperator(model, cross_entropy_loss, data, hvp=FINITE_DIFFERENCE))
+        unfrozen = lh.eigenvalues(op, 3, tol=1e-10)
+    assert float(((unfrozen.values - exact.values).abs() / exact.values).max()) > 1e-2
 
 
 def test_the_referee_now_judges_float32_products_of_a_relu_network():
@@ -205,12 +213,17 @@ def test_the_referee_now_judges_float32_products_of_a_relu_network():
     model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 3))
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(64, 10, generator=g), torch.randint(0, 3, (64,), generator=g))]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=g)
     op = lh.HessianOperator(model, cross_entropy_loss, data)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        op @ torch.randn(op.shape[0], generator=g)
+        op @ v
     assert op.choice.vector in (REVERSE, FORWARD)
     assert op.choice.referee[op.choice.vector].startswith("agrees")
+    selection._MEMORY.clear()  # unfrozen, the referee's steps cross kinks and it abstains, as before
+    op = _unfrozen(lh.HessianOperator(model, cross_entropy_loss, data))
+    op @ v
+    assert op.choice.referee[op.choice.vector].startswith("unverified")
 
 
 # --------------------------------------------------------------------------- where freezing stops

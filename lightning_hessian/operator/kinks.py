@@ -54,6 +54,10 @@ fit in a quarter of the free memory (else only the latest batch's, recorded agai
 pass, when needed): one byte per element of each ReLU, threshold, leaky ReLU or hardtanh input (a
 bool mask or an int8 code), and eight per element of each max-pool output (int64 indices); the
 benchmark's ReLU CNN (32 samples of 3x8x8, two ReLUs and a max-pool) keeps 131 kB.
+
+About 540 lines, 165 of them docstrings: the record and replay rule of each kinked function, the mode
+that applies them, their checks, and the per-batch cache that switches freezing off are one contract
+(what is recorded is what is replayed), kept in one module.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Accuracy, on a zoo of models (a tanh MLP, a CNN with BatchNorm in eval mode, a transformer encoder
 layer, an LSTM, each on one batch of random data; the CNN and the transformer also with ReLU, whose
-kinks gradient differences cross), in float32 and float64, against the exact products of the same
-model in the same dtype:
+kinks gradient differences freeze at θ, NOTE [Frozen kinks]), in float32 and float64, against the
+exact products of the same model in the same dtype:
 
 - single products: relative error ``||D v - H v|| / ||H v||`` of central differences and of the
   Richardson form, median and worst over 5 random vectors;

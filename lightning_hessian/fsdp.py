@@ -32,7 +32,7 @@ recovery: it flows through the collectives and the products' agreed checks raise
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .closure import LossClosure
 from .distributed import agree_on_failure
+from .operator.kinks import FrozenKinks
 
 
 def fsdp_class() -> type | None:
@@ -165,7 +166,11 @@ class ShardedRunner:
             self._reshard()
 
     def run(
-        self, slots: Sequence[tuple[int, float]], point: Mapping[str, Tensor], gradient: bool = True
+        self,
+        slots: Sequence[tuple[int, float]],
+        point: Mapping[str, Tensor],
+        gradient: bool = True,
+        kinks: Callable[[int], FrozenKinks | None] | None = None,
     ) -> tuple[float, dict[str, Tensor] | None]:
         """One pass: the loss (and gradient) of the weighted local batches at ``point``.
 
@@ -176,6 +181,8 @@ class ShardedRunner:
             slots: ``(local batch index, weight)`` per forward.
             point: Local shards to evaluate at, by name (the selected parameters).
             gradient: Also run backward and return the gradient shards.
+            kinks: The activation-pattern mode for a forward of a local batch (recording or
+                replaying, NOTE [Frozen kinks]), or ``None`` for none; closed after the forward.
 
         Returns:
             ``(this rank's weighted loss, gradient shards by name)``: the gradient is FSDP's
@@ -194,7 +201,11 @@ class ShardedRunner:
                 p.grad = None  # FSDP accumulates into an existing gradient; the context restores them
             with torch.set_grad_enabled(gradient):
                 for index, weight in slots:
-                    loss = self._forward(index)
+                    mode = kinks(index) if kinks is not None else None
+                    with mode if mode is not None else contextlib.nullcontext():
+                        loss = self._forward(index)
+                    if mode is not None:
+                        mode.close(loss)
                     if weight:
                         total += weight * float(loss.detach())
                     if gradient:

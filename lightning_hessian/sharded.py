@@ -15,10 +15,15 @@ second derivatives would need double backward through FSDP's collectives, which 
 support. The step ``h`` is that of ``hvp="finite-difference"``
 (:func:`lightning_hessian.operator.differences.difference_step`, with global norms); products are
 accurate to about ``u^(2/3)`` relative (``u`` the unit roundoff: about 1e-10 in float64, 1e-4 to
-1e-5 in float32) on smooth losses.
+1e-5 in float32) on smooth losses. The forwards at ``θ ± h v`` replay the ReLU and max-pool patterns
+recorded in the pass at ``θ`` that builds the operator (NOTE [Frozen kinks] in
+:mod:`lightning_hessian.operator.kinks`), so that ReLU networks get the Hessian of the exact methods,
+not the gradient jumps of kinks crossed within the step; every rank agrees on each product's replay.
 
-About 480 lines, 125 of them docstrings: the sharded operator mirrors the public surface of
-:class:`~lightning_hessian.HessianOperator` (products, loss, gradient, per-batch sharpness, restrict).
+About 580 lines, 140 of them docstrings: the sharded operator mirrors the public surface of
+:class:`~lightning_hessian.HessianOperator` (products, loss, gradient, per-batch sharpness, restrict),
+and keeps the replay of frozen kinks (about 90 lines), whose every decision is a collective taken
+between its own passes.
 """
 
 from __future__ import annotations
@@ -36,7 +41,15 @@ from .closure import LossClosure, LossFn
 from .distributed import agree_on_failure, all_reduce_or_raise
 from .errors import NonFiniteHessianError
 from .fsdp import ShardedRunner, fsdp_modules
+from .memory import available_memory
 from .operator.differences import FINITE_DIFFERENCE, difference_step
+from .operator.kinks import (
+    PATTERN_MEMORY_SHARE,
+    FrozenKinks,
+    KinkPatterns,
+    compiled_submodules,
+    warn_unfrozen,
+)
 from .operator.selection import MatrixMethod, MethodChoice
 from .parameters import ParameterSpace, Patterns, select_parameters
 from .shards import ShardedVectors, ShardLayout, dtensor_class
@@ -204,8 +217,15 @@ class ShardedHessianOperator:
         self._lengths = (1 + self.shards.reduce_sum(squares).sqrt()).tolist()
         self._names = self.space.names
         self._warn_mixed_precision()
-        loss, grads = self._runner.run(self._all_slots(), self._theta)
+        compiled = compiled_submodules(closure.model)
+        self._kinks_off: str | None = f"compiled modules {compiled}" if compiled else None
+        self._patterns: dict[int, KinkPatterns] | None = None  # kept, else recorded for each product
+        recordings: dict[int, FrozenKinks] = {}
+        recorder = self._recorder(recordings) if self._kinks_off is None else None
+        loss, grads = self._runner.run(self._all_slots(), self._theta, kinks=recorder)
         assert grads is not None
+        if recorder is not None:
+            self._keep_patterns(recordings)
         self._loss = loss
         self._gradient = torch.cat([grads[n].reshape(-1) for n in self._names])
         used = torch.tensor([float(bool(g.any())) for g in grads.values()], dtype=torch.float64)
@@ -421,9 +441,7 @@ class ShardedHessianOperator:
         if not all(math.isfinite(x) for x in norms):
             raise NonFiniteHessianError("A Hessian-vector product's direction is not finite (on some rank).")
         step = difference_step(self.dtype, self._lengths, norms)
-        _, plus = self._runner.run(self._all_slots(), self._point(vector, step))
-        _, minus = self._runner.run(self._all_slots(), self._point(vector, -step))
-        assert plus is not None and minus is not None
+        plus, minus = self._gradients_along(self._all_slots(), vector, step)
         product = torch.cat([(plus[n] - minus[n]).reshape(-1) for n in self._names]) / (2 * step)
         self._check_finite(product, "A Hessian-vector product")
         return product
@@ -461,13 +479,90 @@ class ShardedHessianOperator:
                 parts = self.layout.split(g)
                 norms = self.shards.reduce_sum(torch.stack([p.double().pow(2).sum() for p in parts.values()]))
                 step = difference_step(self.dtype, self._lengths, norms.sqrt().tolist())
-                _, plus = self._runner.run(slots, self._point(g, step))
-                _, minus = self._runner.run(slots, self._point(g, -step))
-                assert plus is not None and minus is not None
+                plus, minus = self._gradients_along(slots, g, step)
                 hg = torch.cat([(plus[n] - minus[n]).reshape(-1) for n in self._names]) / (2 * step)
                 self._check_finite(hg, "A batch Hessian-vector product")
                 total += float(self.shards.reduce_sum((g * hg).double().sum())) / squared
         return total, batches
+
+    # ---------------------------------------------------------------------------------- frozen kinks
+    def _gradients_along(
+        self, slots: list[tuple[int, float]], direction: Tensor, step: float
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The gradient shards at ``θ ± step direction``, with the patterns at ``θ`` replayed (NOTE
+        [Frozen kinks]); both again, unfrozen, where any rank's replay did not match.
+        """
+        while True:
+            patterns = self._replayable(slots)
+            modes: list[FrozenKinks] = []
+            replay = None if patterns is None else self._replayer(patterns, modes)
+            _, plus = self._runner.run(slots, self._point(direction, step), kinks=replay)
+            _, minus = self._runner.run(slots, self._point(direction, -step), kinks=replay)
+            assert plus is not None and minus is not None
+            if replay is None or not self._any_mismatch(modes):
+                return plus, minus
+
+    def _recorder(self, recordings: dict[int, FrozenKinks]) -> Any:
+        """Modes that record each local batch's first forward (the padding forwards run unrecorded)."""
+
+        def mode(index: int) -> FrozenKinks | None:
+            if index in recordings:
+                return None
+            recordings[index] = FrozenKinks()
+            return recordings[index]
+
+        return mode
+
+    @staticmethod
+    def _replayer(patterns: dict[int, KinkPatterns], modes: list[FrozenKinks]) -> Any:
+        def mode(index: int) -> FrozenKinks | None:
+            if not len(patterns.get(index, ())):
+                return None
+            modes.append(FrozenKinks(patterns[index]))
+            return modes[-1]
+
+        return mode
+
+    def _keep_patterns(self, recordings: dict[int, FrozenKinks]) -> None:
+        """Keep the patterns recorded at ``θ`` while they fit in memory; every rank takes the same
+        decision (a recording that cannot be replayed anywhere, or none at all, switches freezing off).
+        """
+        reasons = [m.mismatch for m in recordings.values() if m.mismatch is not None]
+        patterns = {i: m.patterns for i, m in recordings.items()}
+        free = available_memory(self.device)
+        nbytes = sum(p.nbytes for p in patterns.values())
+        local = [float(bool(reasons)), float(sum(len(p) for p in patterns.values()))]
+        local.append(float(free is not None and nbytes > PATTERN_MEMORY_SHARE * free))
+        unreplayable, count, too_big = agree_on_failure(
+            None, self._group, device=self.device, values=local
+        ).values
+        if unreplayable:
+            self._switch_off(reasons[0] if reasons else "another rank's recording cannot be replayed")
+        elif not count:
+            self._kinks_off = "no kinked call"
+        elif not too_big:
+            self._patterns = patterns
+
+    def _replayable(self, slots: list[tuple[int, float]]) -> dict[int, KinkPatterns] | None:
+        """The patterns to replay: the kept ones, or ones recorded now in a forward pass at ``θ``."""
+        if self._kinks_off is not None or self._patterns is not None:
+            return self._patterns if self._kinks_off is None else None
+        recordings: dict[int, FrozenKinks] = {}
+        self._runner.run(slots, self._theta, gradient=False, kinks=self._recorder(recordings))
+        return {i: m.patterns for i, m in recordings.items()}
+
+    def _any_mismatch(self, modes: list[FrozenKinks]) -> bool:
+        """Whether any rank's replay did not match its recording (then freezing is off, on every rank)."""
+        reason = next((m.mismatch for m in modes if m.mismatch is not None), None)
+        agreed = agree_on_failure(None, self._group, device=self.device, values=[float(reason is not None)])
+        if not agreed.values[0]:
+            return False
+        self._switch_off(reason or "another rank's forward did not follow its recording")
+        return True
+
+    def _switch_off(self, reason: str) -> None:
+        self._kinks_off, self._patterns = reason, None
+        warn_unfrozen(reason, "This sharded operator's", stacklevel=6)
 
     def to_dense(self) -> Tensor:
         """Refused: a dense ``[N, N]`` Hessian of a sharded model is not computed.

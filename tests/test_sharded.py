@@ -4,6 +4,7 @@ one-rank FSDP2 mesh, and what it refuses. Two ranks: ``tests/test_sharded_callba
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -224,3 +225,32 @@ def test_sharded_operator_refuses_another_dtype_and_exact_products(sharded_pair)
         ShardedHessianOperator(model, mse, batches(), dtype=torch.float32)
     with pytest.raises(ValueError, match="gradient differences"):
         ShardedHessianOperator(model, mse, batches(), hvp="reverse-over-reverse")
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_sharded_products_freeze_kinks_like_the_exact_products(sharded_pair, kept, monkeypatch):
+    """Sample 0 sits within 1e-9 of every ReLU's kink (tests/test_kinks.py): the steps cross them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.helpers import cross_entropy_loss
+    from tests.test_kinks import problem
+
+    model, data = problem("relu")
+    exact = lh.HessianOperator(
+        model, cross_entropy_loss, data, hvp="reverse-over-reverse", process_group=None
+    )
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in (model.inner, model.outer, model):
+        fully_shard(layer, mesh=mesh)
+    if not kept:  # too big to keep: recorded again, in a forward pass at θ, for each product
+        monkeypatch.setattr("lightning_hessian.sharded.PATTERN_MEMORY_SHARE", 0.0)
+    op = ShardedHessianOperator(model, cross_entropy_loss, data)
+    V = torch.randn(op.local_size, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    expected = exact @ V
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float((op @ V - expected).norm() / expected.norm()) < 1e-7
+    assert op._kinks_off is None and (op._patterns is not None) == kept
+    op._kinks_off = "switched off by the test"
+    assert float((op @ V - expected).norm() / expected.norm()) > 1e-2

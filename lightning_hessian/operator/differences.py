@@ -48,9 +48,14 @@ On a piecewise-smooth loss (ReLU, max-pooling, ``abs``) the exact methods differ
 contains ``θ`` (``relu'' = 0``), while gradient differences average the gradient's change over
 ``[θ - h d, θ + h d]``: every kink inside adds its jump divided by ``2h``. They agree only where no
 kink is crossed. Float64 steps (about ``7e-6 L``) cross few on small models; float32 steps (about
-``6e-3 L``) cross many on any ReLU network, whose products are then wrong by tens of percent. The
-first product of gradient differences therefore also measures their spread between two steps, and a
-large spread is reported (README, "Models without second derivatives").
+``6e-3 L``) cross many on any ReLU network, whose products were then wrong by 100% and more. So the
+forwards at ``θ ± h d`` replay the activation patterns recorded at ``θ`` (NOTE [Frozen kinks] in
+:mod:`.kinks`) of ReLU, leaky ReLU, threshold, hardtanh and max-pooling, which then cost nothing in
+accuracy: on ``benchmarks/gradient_products.py``'s ReLU CNN and ReLU transformer layer the products are
+as accurate as on their smooth versions. The other kinks (``abs``, ``clamp``, ``max``, a compiled
+module's) are crossed as before, so the first product of gradient differences also measures their
+spread between two steps, and a large spread is reported (README, "Models without second
+derivatives").
 """
 
 from __future__ import annotations

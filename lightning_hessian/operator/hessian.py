@@ -68,7 +68,8 @@ class HessianOperator:
     backward, a custom ``autograd.Function`` without second derivatives), it falls back to gradient
     differences with one warning. ``"finite-difference"`` forces those: ``(g(θ + h v) - g(θ - h v)) /
     (2h)`` of two plain gradients, relative error about 1e-4 in float32 and 1e-10 in float64 on smooth
-    models (:mod:`.differences`); ``"finite-difference-richardson"`` extrapolates two of them (four
+    models and on ReLU and max-pool networks, whose kinks they freeze at ``θ`` (:mod:`.differences`,
+    :mod:`.kinks`); ``"finite-difference-richardson"`` extrapolates two of them (four
     gradients), about 2 times more accurate in float32 and 30 in float64. A forced exact method is
     refereed on its first product too, and raises if it is found wrong.
 

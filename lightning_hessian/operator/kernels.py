@@ -9,7 +9,9 @@ Pearlmutter's trick:
   ``torch.func.vmap``.
 
 ``"finite-difference"`` and ``"finite-difference-richardson"`` difference two (four) plain gradients
-instead (:mod:`.differences`); their "batched" form is a loop over the vectors.
+instead (:mod:`.differences`), with ReLU and max-pool kinks frozen at ``θ`` so that they differentiate
+the function the exact methods do (NOTE [Frozen kinks] in :mod:`.kinks`); their "batched" form is a
+loop over the vectors.
 
 Vectors may live on a subset of the parameters (``support``) and only some entries of the product
 may be wanted (``targets``): autograd then skips every layer that neither touches, which the dense
@@ -18,7 +20,7 @@ path uses to compute one triangle of the matrix.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import torch
@@ -35,6 +37,7 @@ from .differences import (
     parameter_lengths,
 )
 from .graphs import GraphCache
+from .kinks import FrozenKinks, KinkCache, KinkMismatch
 
 REVERSE = "reverse-over-reverse"
 FORWARD = "forward-over-reverse"
@@ -70,6 +73,8 @@ class ProductKernels:
         self._lengths = dict(
             zip(self.space.names, parameter_lengths(list(self.params.values())), strict=True)
         )
+        #: The activation patterns at θ that gradient differences replay (NOTE [Frozen kinks]).
+        self.kinks = KinkCache(closure, self.params)
 
     def products(
         self,
@@ -107,14 +112,31 @@ class ProductKernels:
         if out is None:
             out = torch.empty(m, target_space.numel, dtype=self.dtype, device=self.device)
         columns = [out[:, piece] for piece in target_space.slices().values()]
-        if method in DIFFERENCE_METHODS:
-            product = partial(self._difference, method=method, step_factor=step_factor)
-        else:
+        if method not in DIFFERENCE_METHODS:
             product = self._reverse if method == REVERSE else self._forward
+            self._accumulate(product, tangents, batched, target_space.names, columns)
+            return out
+        product = partial(self._difference, method=method, step_factor=step_factor)
+        try:
+            self._accumulate(product, tangents, batched, target_space.names, columns)
+        except KinkMismatch:  # freezing is off now: every batch again, unfrozen
+            self._accumulate(product, tangents, batched, target_space.names, columns)
+        return out
+
+    def _accumulate(
+        self,
+        product: Callable[..., list[Tensor | None]],
+        tangents: dict[str, Tensor],
+        batched: bool,
+        targets: tuple[str, ...],
+        columns: list[Tensor],
+    ) -> None:
+        """Write the weighted sum over batches of ``product``'s pieces into ``columns``."""
+        m = next(iter(tangents.values())).shape[0]
         with self.closure.held():
             for i in range(len(self.closure.batches)):
                 weight = self.closure.weight(i, self.num_samples)
-                pieces = product(i, tangents, batched, target_space.names)
+                pieces = product(i, tangents, batched, targets)
                 for destination, piece in zip(columns, pieces, strict=True):
                     if piece is None:  # the target does not depend on the support
                         if i == 0:
@@ -127,7 +149,6 @@ class ProductKernels:
                         destination.copy_(piece)
                     else:
                         torch.mul(piece, weight, out=destination)
-        return out
 
     def _reverse(
         self, index: int, tangents: dict[str, Tensor], batched: bool, targets: tuple[str, ...]
@@ -253,6 +274,18 @@ class ProductKernels:
         direction = self.space.subspace(support).unflatten(row)
         norms = [float(t.norm()) for t in direction.values()]
         step = difference_step(self.dtype, [self._lengths[n] for n in support], norms)
+        try:
+            return self._gradients_along(direction, step, targets, multiples), step
+        except KinkMismatch:  # freezing is off now: every gradient again, unfrozen
+            return self._gradients_along(direction, step, targets, multiples), step
+
+    def _gradients_along(
+        self,
+        direction: dict[str, Tensor],
+        step: float,
+        targets: tuple[str, ...],
+        multiples: tuple[float, ...],
+    ) -> list[Tensor]:
         target_space = self.space.subspace(targets)
         cached = [self.graphs.kept(i) for i in range(len(self.closure.batches))]
         totals = [torch.zeros(target_space.numel, dtype=self.dtype, device=self.device) for _ in multiples]
@@ -269,7 +302,7 @@ class ProductKernels:
                     else:
                         pieces = self._gradient_at(i, direction, multiple * step, targets, fixed)
                     total.add_(torch.cat([g.detach().reshape(-1) for g in pieces]), alpha=weight)
-        return totals, step
+        return totals
 
     def _difference(
         self,
@@ -334,15 +367,25 @@ class ProductKernels:
 
         ``θ + step d`` are new tensors; the saved ``θ`` and the module are never written (NOTE
         [Gradient differences leave the module alone]). Only the targets require grad, so autograd
-        stops at the first layer that holds one.
+        stops at the first layer that holds one. The forward replays the activation patterns at ``θ``
+        (NOTE [Frozen kinks]).
+
+        Raises:
+            KinkMismatch: If the forward did not follow the recorded patterns (freezing is off now).
         """
         values = dict(self.params)
         moved = torch._foreach_add([self.params[n] for n in direction], list(direction.values()), alpha=step)
         values.update(zip(direction, moved, strict=True))
         leaves = {n: values[n].detach().requires_grad_(True) for n in targets}
-        loss = self.closure.batch_loss({**values, **leaves}, index, fixed)
-        if not loss.requires_grad:  # the loss does not depend on the targets
-            return [torch.zeros_like(leaf) for leaf in leaves.values()]
-        return list(
-            torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
-        )
+
+        def gradient(replay: FrozenKinks | None) -> list[Tensor]:
+            loss = self.closure.batch_loss({**values, **leaves}, index, fixed)
+            if replay is not None:
+                replay.close()
+            if not loss.requires_grad:  # the loss does not depend on the targets
+                return [torch.zeros_like(leaf) for leaf in leaves.values()]
+            return list(
+                torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
+            )
+
+        return self.kinks.run(index, fixed, gradient)

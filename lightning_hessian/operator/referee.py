@@ -16,8 +16,10 @@ gradient at ``θ`` is free from the cached first-order graphs): on a smooth loss
 ``h / L``, 5e-3 in float32; a kink inside the step (NOTE [Kinks] in :mod:`.differences`) puts its jump
 into both, and where the product is nearly zero both are rounding noise, so the ratio nears 1. Above
 0.1 there is no verdict, and the exact method stays, recorded as unverified: so the referee cannot
-judge float32 products of ReLU networks, nor the zero Hessian of a bias before a train-mode
-BatchNorm (NOTE [Disagreement the referee cannot resolve]). Otherwise a second difference at a
+judge float32 products of networks whose kinks the differences do not freeze (``abs``, ``clamp``, a
+compiled module's; ReLU and max-pool kinks are frozen at ``θ``, NOTE [Frozen kinks] in :mod:`.kinks`,
+and their networks' products are judged like smooth ones), nor the zero Hessian of a bias before a
+train-mode BatchNorm (NOTE [Disagreement the referee cannot resolve]). Otherwise a second difference at a
 quarter of the step measures the referee's spread ``||D(h) - D(h/4)||`` (two more gradients; rounding
 grows and truncation shrinks at the smaller step, so the spread is at least about ``D(h)``'s error), and
 ``p`` is wrong only if it is more than :data:`REFEREE_MARGIN` times further from ``D(h)`` than that.
@@ -114,8 +116,10 @@ class Referee:
         self.kernels, self.rows, self.support, self.targets = kernels, rows, support, targets
         self.seconds = math.nan  # per row, of the first difference
         self._product = product
+        self._own_product = product is None
         self._gradients: dict[float, Tensor] = {}  # of the first row, by multiple of the step
         self._step = math.nan
+        self._version = kernels.kinks.version
 
     def product(self) -> Tensor:
         """``D(h)`` of every row (two gradients each): the referee, and the fallback's product.
@@ -123,7 +127,8 @@ class Referee:
         Raises:
             RuntimeError: If the differences are not finite.
         """
-        if self._product is None:
+        self._sync()
+        while self._product is None:
             start = time.perf_counter()
             out = torch.zeros(
                 self.rows.shape[0],
@@ -135,7 +140,8 @@ class Referee:
                 if float(row.norm()) > 0:
                     out[j] = self._central(row, 1.0, keep=j == 0)
             self.seconds = (time.perf_counter() - start) / self.rows.shape[0]
-            self._product = _finite(out)
+            if not self._sync():  # else freezing stopped on the way: all rows again, unfrozen
+                self._product = _finite(out)
         return self._product
 
     def kinks(self) -> float:
@@ -190,11 +196,26 @@ class Referee:
         """
         if not keep:
             return self.kernels.gradients_along(row, self.support, self.targets, multiples)
+        self._sync()
         missing = tuple(k for k in multiples if k not in self._gradients)
         if missing:
             found, self._step = self.kernels.gradients_along(row, self.support, self.targets, missing)
+            if self._sync():  # freezing stopped on the way: the kept gradients are dropped
+                return self._fill(row, multiples, keep)
             self._gradients.update(zip(missing, found, strict=True))
         return [self._gradients[k] for k in multiples], self._step
+
+    def _sync(self) -> bool:
+        """Drop the differences kept from before the kernels stopped freezing kinks (NOTE [Frozen
+        kinks]), so that a referee never mixes frozen and unfrozen gradients; whether it did.
+        """
+        if self.kernels.kinks.version == self._version:
+            return False
+        self._version = self.kernels.kinks.version
+        self._gradients.clear()
+        if self._own_product:
+            self._product = None
+        return True
 
 
 def _finite(values: Tensor) -> Tensor:

@@ -571,9 +571,10 @@ class MethodSelector:
                 "kinks",
                 f"Gradient differences{' (' + forced + ')' if forced else ''} change by {spread:.1e} "
                 f"(relative) between two steps on this model, far beyond the {expected:.0e} "
-                "of a smooth loss: the steps cross kinks (ReLU, max-pooling, ...), so products may be wrong "
-                "by that much. Compute in float64 (dtype=torch.float64), whose smaller steps cross fewer "
-                "kinks, or use an exact method where one works.",
+                "of a smooth loss: the steps cross kinks that are not frozen at θ (abs, clamp, max, a "
+                "compiled module's; ReLU and max-pooling are frozen), so products may be wrong by that much. "
+                "Compute in float64 (dtype=torch.float64), whose smaller steps cross fewer kinks, or use "
+                "an exact method where one works.",
             )
         return spread
 

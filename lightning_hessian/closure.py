@@ -304,13 +304,28 @@ class LossClosure:
         Raises:
             ValueError: If the loss is not a scalar.
         """
+        with self.evaluated(params, index, buffers) as loss:
+            return loss
+
+    @contextlib.contextmanager
+    def evaluated(
+        self, params: Mapping[str, Tensor], index: int, buffers: Mapping[str, Tensor] | None = None
+    ) -> Iterator[Tensor]:
+        """:meth:`batch_loss`, with ``params`` kept in the module's slots until exit.
+
+        Differentiate inside it: activation checkpointing (``torch.utils.checkpoint``) runs the
+        forward again during backward, which must see the same swapped-in tensors.
+
+        Example:
+            >>> with closure.context(), closure.evaluated(leaves, 0) as loss:
+            ...     grads = torch.autograd.grad(loss, list(leaves.values()))
+        """
         fixed = self.buffers() if buffers is None else buffers
         if self.mode == "train":
             # One fixed random stream per batch, so dropout draws the same mask for every product.
             torch.manual_seed(_TRAIN_MODE_SEED + self.batch_offset + index)
         with self._slots.swapped({**fixed, **params}):
-            loss = self._wrapper(self.batches[index], self.batch_offset + index)
-        return _scalar(loss)
+            yield _scalar(self._wrapper(self.batches[index], self.batch_offset + index))
 
     def module_loss(self, index: int) -> Tensor:
         """Loss of batch ``index`` at the module's own parameters, through its own forward (call

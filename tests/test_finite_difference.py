@@ -406,3 +406,42 @@ def test_half_precision_products_say_what_they_are_worth_and_offer_float32():
         warnings.simplefilter("error")
         op = lh.HessianOperator(model, loss_fn, data, dtype=torch.float32)
     assert (op @ torch.randn(op.shape[0])).dtype == torch.float32
+
+
+class _CheckpointedTanh(nn.Module):
+    """``Linear -> [Linear -> tanh] -> Linear`` with the middle recomputed in backward (or not)."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.inner, self.middle, self.outer = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def segment(z: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.middle(z))
+
+        hidden = self.inner(x)
+        if self.checkpointed:
+            hidden = torch.utils.checkpoint.checkpoint(segment, hidden, use_reentrant=False)
+        else:
+            hidden = segment(hidden)
+        return self.outer(hidden)
+
+
+@pytest.mark.parametrize("method", [FINITE_DIFFERENCE, REVERSE])
+def test_activation_checkpointing_recomputes_with_the_swapped_in_parameters(method):
+    """The forward that checkpointing runs again in backward sees the perturbed (or differentiated)
+    parameters, not the module's own: products equal those of the same model without checkpointing.
+    """
+    torch.manual_seed(0)
+    plain = _CheckpointedTanh(checkpointed=False).double()
+    checkpointed = _CheckpointedTanh(checkpointed=True).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 4, generator=g, dtype=DOUBLE), torch.randint(0, 3, (6,), generator=g))]
+    exact = lh.HessianOperator(plain, cross_entropy_loss, data, hvp=REVERSE)
+    V = torch.randn(exact.shape[0], 3, dtype=DOUBLE, generator=g)
+    expected = exact @ V
+    products = lh.HessianOperator(checkpointed, cross_entropy_loss, data, hvp=method) @ V
+    tolerance = 1e-7 if method == FINITE_DIFFERENCE else 1e-12
+    assert (products - expected).norm() <= tolerance * expected.norm()

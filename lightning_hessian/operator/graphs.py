@@ -63,9 +63,13 @@ class GraphCache:
         ``create_graph=False`` builds a plain gradient (for a dependence check where no product will
         differentiate it: gradient differences need no second-order graph, and some modules have none).
         """
-        with self.closure.context(), saved_tensor_bytes() as counter, SecondOrderForms():
-            leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
-            loss = self.closure.batch_loss(leaves, index)
+        leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        with (
+            self.closure.context(),
+            saved_tensor_bytes() as counter,
+            SecondOrderForms(),
+            self.closure.evaluated(leaves, index) as loss,
+        ):
             if not loss.requires_grad:
                 grads: list[Tensor | None] = [None] * len(leaves)
             else:

@@ -244,9 +244,8 @@ class ProductKernels:
         """This rank's weighted gradient ``[N]`` of the loss at ``params`` (a plain backward pass)."""
         total = torch.zeros(self.space.numel, dtype=self.dtype, device=self.device)
         for i in range(len(self.closure.batches)):
-            with self.closure.context():
-                leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-                loss = self.closure.batch_loss(leaves, i)
+            leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+            with self.closure.context(), self.closure.evaluated(leaves, i) as loss:
                 grads = torch.autograd.grad(
                     loss, list(leaves.values()), allow_unused=True, materialize_grads=True
                 )
@@ -379,13 +378,15 @@ class ProductKernels:
         leaves = {n: values[n].detach().requires_grad_(True) for n in targets}
 
         def gradient(replay: FrozenKinks | None) -> list[Tensor]:
-            loss = self.closure.batch_loss({**values, **leaves}, index, fixed)
-            if replay is not None:
-                replay.close()
-            if not loss.requires_grad:  # the loss does not depend on the targets
-                return [torch.zeros_like(leaf) for leaf in leaves.values()]
-            return list(
-                torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
-            )
+            with self.closure.evaluated({**values, **leaves}, index, fixed) as loss:
+                if replay is not None:
+                    replay.close()
+                if not loss.requires_grad:  # the loss does not depend on the targets
+                    return [torch.zeros_like(leaf) for leaf in leaves.values()]
+                return list(
+                    torch.autograd.grad(
+                        loss, list(leaves.values()), allow_unused=True, materialize_grads=True
+                    )
+                )
 
         return self.kinks.run(index, fixed, gradient)

@@ -300,3 +300,19 @@ def test_embedding_bag_falls_back_to_gradient_differences_and_says_how_to_exclud
     rest = lh.HessianOperator(model, cross_entropy_loss, [batch], params="1.*")
     assert (rest @ torch.randn(rest.shape[0], dtype=torch.float64)).shape == (10,)
     assert rest.choice.vector in (REVERSE, FORWARD)
+
+
+def test_auto_choice_memory_is_not_inherited_by_a_new_model_at_a_freed_address():
+    """The choice is remembered per live model: a new model never takes over a dead one's key, even
+    where Python gives it the same ``id`` (which made a test's remembered choice leak into another's).
+    """
+    from lightning_hessian.operator.selection import _model_serial
+
+    dead = [nn.Linear(2, 2) for _ in range(300)]
+    serial_at = {id(m): _model_serial(m) for m in dead}
+    del dead
+    alive = [nn.Linear(2, 2) for _ in range(300)]
+    reused = [m for m in alive if id(m) in serial_at]
+    assert reused, "no freed address was reused; the test needs one"
+    assert all(_model_serial(m) != serial_at[id(m)] for m in reused)
+    assert len({_model_serial(m) for m in alive}) == len(alive)

@@ -30,6 +30,7 @@ that the state changes in one place.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -114,12 +115,24 @@ _MEMORY: dict[tuple[Any, ...], MethodChoice] = {}
 _WARNED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
+#: A serial number per live model: unlike ``id``, never given again to a new model at a freed address.
+_MODEL_SERIALS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+_NEXT_SERIAL = itertools.count()
+
+
+def _model_serial(model: nn.Module) -> int:
+    serial = _MODEL_SERIALS.get(model)
+    if serial is None:
+        serial = _MODEL_SERIALS[model] = next(_NEXT_SERIAL)
+    return serial
+
+
 def problem_key(
     closure: LossClosure, space: ParameterSpace, dtype: torch.dtype, device: torch.device
 ) -> tuple:
     """What makes two problems time alike: model, loss, mode, dtype, device, parameters and batch shapes."""
     return (
-        id(closure.model),
+        _model_serial(closure.model),
         type(closure.model).__qualname__,
         id(closure.loss_fn),
         closure.mode,

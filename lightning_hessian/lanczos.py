@@ -81,7 +81,7 @@ def _default_capacity(n: int, k: int, block: int, budget: int, dtype: torch.dtyp
     return max(k + 2 * block + 8, min(budget, by_memory))
 
 
-def _chebyshev_certifies(steps: int, top: float, low: float, bound: float, n: int) -> bool:
+def chebyshev_certifies(steps: int, top: float, low: float, bound: float, n: int) -> bool:
     """Whether ``steps`` Lanczos steps would have revealed an eigenvalue at ``bound`` or beyond.
 
     With Ritz values spanning ``[low, top]``, the Krylov polynomial can amplify an eigenvalue at
@@ -89,6 +89,20 @@ def _chebyshev_certifies(steps: int, top: float, low: float, bound: float, n: in
     A random start component is at least ``MISS_PROBABILITY / sqrt(n)`` of the norm with probability
     about ``1 - MISS_PROBABILITY``; once the amplification exceeds its inverse, such an eigenvalue
     would dominate the top Ritz vector.
+
+    Args:
+        steps: Lanczos steps (the Krylov polynomial's degree plus one).
+        top: The largest Ritz value.
+        low: The smallest Ritz value.
+        bound: The eigenvalue to rule out.
+        n: The operator's size.
+
+    Returns:
+        Whether an eigenvalue at ``bound`` or beyond would have shown by now.
+
+    Example:
+        >>> chebyshev_certifies(40, 1.0, 0.0, 1.5, 10_000)
+        True
     """
     if steps < 2 or not top > low or not bound > top:
         return False
@@ -193,7 +207,7 @@ class _Search:
             self.verify_chain = None  # a missed value: iterate all chains again, then re-check
             return
         stagnant = steps >= 3 and mu + 2 * rho <= bound and mu - previous <= 0.1 * (bound - mu)
-        certified = _chebyshev_certifies(steps, mu, float(values.min()), bound, self.kr.n)
+        certified = chebyshev_certifies(steps, mu, float(values.min()), bound, self.kr.n)
         if not chain_left or stagnant or certified:  # no chain left: B's Krylov space is invariant
             self._verified()
 

@@ -34,7 +34,7 @@ from torch import Tensor
 from .contractions import column_dots, column_norms, inner, local_rows, random_signs
 from .errors import HessianTooLargeError
 from .krylov import KrylovBasis, Ritz
-from .lanczos import _chebyshev_certifies
+from .lanczos import chebyshev_certifies
 from .linear_operator import SymmetricOperator, operator_size
 from .memory import GIB, available_memory
 from .probes import make_generator, rademacher  # noqa: F401 - the probes' source, as tests import it
@@ -217,7 +217,7 @@ def _probe_certified(krylov: KrylovBasis, chain: int, top_k: int, tol: float) ->
     """Whether the mixed chain is long enough that an eigenvalue beyond the top-k would show.
 
     The Chebyshev bound of the Lanczos multiplicity check
-    (:func:`~lightning_hessian.lanczos._chebyshev_certifies`), applied to the chain's degree and to
+    (:func:`~lightning_hessian.lanczos.chebyshev_certifies`), applied to the chain's degree and to
     the space with its converged Ritz pairs deflated: its Ritz values span ``[low, mu]``, ``mu`` the
     largest unconverged one below the top-k, and the bound is the k-th Ritz value plus the tolerance.
     The random probe is ``1/sqrt(2)`` of the chain's start, hence ``2 N`` for ``N``.
@@ -244,7 +244,7 @@ def _probe_certified(krylov: KrylovBasis, chain: int, top_k: int, tol: float) ->
     mu = float(ritz.values[int(unconverged.max())])
     bound = float(ritz.values[count - top_k]) + threshold
     degree = sum(1 for j in range(krylov.m) if krylov.chain_of[j] == chain)
-    return _chebyshev_certifies(degree, mu, float(ritz.values[0]), bound, 2 * krylov.n)
+    return chebyshev_certifies(degree, mu, float(ritz.values[0]), bound, 2 * krylov.n)
 
 
 def _warm_chain(

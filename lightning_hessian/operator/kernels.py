@@ -245,12 +245,31 @@ class ProductKernels:
         total = torch.zeros(self.space.numel, dtype=self.dtype, device=self.device)
         for i in range(len(self.closure.batches)):
             leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-            with self.closure.context(), self.closure.evaluated(leaves, i) as loss:
-                grads = torch.autograd.grad(
-                    loss, list(leaves.values()), allow_unused=True, materialize_grads=True
-                )
+            with self.closure.context():
+                grads = self._batch_gradient(i, leaves, leaves, self.closure.buffers())
             total += self.closure.weight(i, self.num_samples) * torch.cat([g.reshape(-1) for g in grads])
         return total
+
+    def _batch_gradient(
+        self,
+        index: int,
+        values: Mapping[str, Tensor],
+        leaves: Mapping[str, Tensor],
+        fixed: Mapping[str, Tensor],
+        replay: FrozenKinks | None = None,
+    ) -> list[Tensor]:
+        """Batch ``index``'s gradient w.r.t. ``leaves`` with ``values`` and ``leaves`` swapped in, the
+        backward inside the swap (:meth:`LossClosure.evaluated`); zeros where the loss does not depend
+        on the leaves. Call inside the closure's context; ``replay`` is closed after the forward.
+        """
+        with self.closure.evaluated({**values, **leaves}, index, fixed) as loss:
+            if replay is not None:
+                replay.close()
+            if not loss.requires_grad:
+                return [torch.zeros_like(leaf) for leaf in leaves.values()]
+            return list(
+                torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
+            )
 
     def gradients_along(
         self, row: Tensor, support: tuple[str, ...], targets: tuple[str, ...], multiples: tuple[float, ...]
@@ -376,17 +395,4 @@ class ProductKernels:
         moved = torch._foreach_add([self.params[n] for n in direction], list(direction.values()), alpha=step)
         values.update(zip(direction, moved, strict=True))
         leaves = {n: values[n].detach().requires_grad_(True) for n in targets}
-
-        def gradient(replay: FrozenKinks | None) -> list[Tensor]:
-            with self.closure.evaluated({**values, **leaves}, index, fixed) as loss:
-                if replay is not None:
-                    replay.close()
-                if not loss.requires_grad:  # the loss does not depend on the targets
-                    return [torch.zeros_like(leaf) for leaf in leaves.values()]
-                return list(
-                    torch.autograd.grad(
-                        loss, list(leaves.values()), allow_unused=True, materialize_grads=True
-                    )
-                )
-
-        return self.kinks.run(index, fixed, gradient)
+        return self.kinks.run(index, fixed, partial(self._batch_gradient, index, values, leaves, fixed))

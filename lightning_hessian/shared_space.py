@@ -21,6 +21,9 @@ previous evaluation's Ritz vectors) builds one orthonormal basis ``Q`` with its 
   exact and free; the second is estimated by Hutchinson with ``m`` fresh probes projected out of
   ``Q`` (independent of ``Q``, so unbiased), whose sample deviation gives the standard error. The
   space holds the top of the spectrum, so the remainder and its variance are small.
+
+About 450 lines for that one job: the space, its stopping rules (cold, and the warm chain with its
+certificate) and the three readers share the basis and its memory check, so they stay together.
 """
 
 from __future__ import annotations

@@ -59,5 +59,5 @@ def test_modules_import_only_their_own_layer_or_the_layers_before_it():
             if target == "operator":  # the subpackage's __init__: the Hessian operator layer
                 target = "operator.hessian"
             if layers[target] > layers[module]:
-                violations.append(f"{module} (layer {layers[module]}) imports {imported} (layer {layers[target]})")
+                violations.append(f"{module} (layer {layers[module]}) imports {imported} ({layers[target]})")
     assert violations == []

@@ -11,7 +11,8 @@ Run it and open TensorBoard::
     tensorboard --logdir lightning_logs
 
 The layers ``conv1`` (80 parameters) and ``fc`` (650) are small enough for exact spectra;
-``conv2`` (1,168) uses Lanczos, Hutch++ and stochastic Lanczos quadrature.
+``conv2`` (1,168) is estimated from one shared block Krylov space: its top and smallest eigenvalues,
+a Krylov-aware trace with its standard error, and a block-quadrature density.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .linear_operator import operator_size
-from .probes import rademacher
+from .probes import rademacher, standard_normal
 
 
 def shards_of(op: Any) -> Any:
@@ -96,10 +96,10 @@ def random_signs(
 def random_normal(
     op: Any, n: int, m: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """``torch.randn(n, m, ...)``: ``m`` standard normal probes (this rank's rows of them when sharded)."""
+    """``standard_normal(n, m, ...)``: ``m`` normal probes (this rank's rows of them when sharded)."""
     shards = shards_of(op)
     if shards is None:
-        return torch.randn(n, m, generator=generator, dtype=dtype, device=device)
+        return standard_normal(n, m, generator, dtype, device)
     return shards.random("gaussian", m, generator, dtype)
 
 

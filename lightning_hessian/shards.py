@@ -11,9 +11,9 @@ and no rank ever holds the whole vector.
   holds, and random probes drawn so that the *global* probe is the same whatever the number of ranks:
   each parameter's full ``[numel, m]`` block is drawn in turn from the seeded generator, and the rank
   keeps its rows (memory: one parameter tensor at a time, never ``N``). On CPU (torch 2.13) the
-  Rademacher probes are even those of an unsharded :class:`~lightning_hessian.HessianOperator` with the
-  same seed, which draws all ``N`` rows in one call (``bernoulli_`` consumes the generator entry by
-  entry); the Gaussian ones (Krylov restarts, XTrace) are not (``randn`` draws in vectorized blocks).
+  probes are even those of an unsharded :class:`~lightning_hessian.HessianOperator` with the same
+  seed, which draws all ``N`` rows in one call: both kinds consume the generator entry by entry
+  (:mod:`lightning_hessian.probes`).
 - :class:`ShardedVectors`: the layout on a process group: contractions ``a.T @ b`` summed over ranks,
   QR of a tall ``[n_local, s]`` block (TSQR: local QR, then QR of the stacked ``R`` factors), and
   agreement on yes/no decisions, so that every rank takes the same branch of an estimator.
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .distributed import reduce_device
-from .probes import rademacher
+from .probes import rademacher, standard_normal
 
 #: Kinds of random probes: random signs (Hutchinson, SLQ) and standard normal entries (restarts, XTrace).
 PROBE_KINDS = ("rademacher", "gaussian")
@@ -231,7 +231,7 @@ class ShardLayout:
             if kind == "rademacher":
                 full = rademacher(item.numel, m, generator, dtype, device)
             else:
-                full = torch.randn(item.numel, m, generator=generator, dtype=dtype, device=device)
+                full = standard_normal(item.numel, m, generator, dtype, device)
             first = item.start * item.row_numel
             out[item.offset : item.offset + item.local_numel] = full[first : first + item.local_numel]
         return out

@@ -71,6 +71,23 @@ def test_probes_are_the_same_global_vectors_for_any_number_of_ranks(kind: str, w
     assert len(states) == 1  # every rank's generator advanced alike
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_sharded_probes_are_those_of_the_unsharded_operator_with_the_same_seed(kind, dtype) -> None:
+    layout = ShardLayout(SHAPES, 0, 1)
+    n = layout.global_size
+    draw = contractions.random_signs if kind == "rademacher" else contractions.random_normal
+    whole = draw(MatrixOperator(torch.eye(n, dtype=dtype)), n, 3, make_generator("cpu", 5), dtype, "cpu")
+    sharded = layout.random(kind, 3, make_generator("cpu", 5), dtype, torch.device("cpu"))
+    assert torch.equal(sharded, whole)
+    if kind == "gaussian":  # standard normal: no infinite entries, mean 0 and variance 1
+        many = draw(
+            MatrixOperator(torch.eye(1, dtype=dtype)), 200_000, 1, make_generator("cpu", 6), dtype, "cpu"
+        )
+        assert bool(torch.isfinite(many).all())
+        assert abs(float(many.mean())) < 0.01 and abs(float(many.var()) - 1) < 0.01
+
+
 def test_unit_columns_are_the_rows_of_the_identity() -> None:
     layout = ShardLayout(SHAPES, 1, 2)
     eye = torch.eye(layout.global_size, dtype=torch.float64)

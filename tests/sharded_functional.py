@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,38 @@ def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
     return loss * float("nan") if FAIL["nan"] and rank == 1 else loss
 
 
+def summary(block: Any) -> dict[str, Any]:
+    """What a shared-space block reports: top-k, smallest, trace, density, products and convergence."""
+    return {
+        "top": block.eigenvalues.values,
+        "smallest": block.min_eigenvalue.values,
+        "converged": torch.cat([block.eigenvalues.converged, block.min_eigenvalue.converged]),
+        "trace": (block.trace.value, block.trace.stderr, block.trace.num_matvecs),
+        "nodes": block.density.nodes,
+        "weights": block.density.weights,
+        "num_matvecs": block.num_matvecs,
+    }
+
+
+class SameProbes:
+    """An unsharded operator whose estimators draw the probes as a one-rank shard layout does: each
+    parameter's block in turn, the global vectors of every number of ranks (the plain draw of
+    ``torch.randn(N, m)`` is another one; the Rademacher draws coincide)."""
+
+    def __init__(self, op: Any, shapes: dict[str, torch.Size]) -> None:
+        from lightning_hessian.shards import ShardedVectors, ShardLayout
+
+        self.op = op
+        self.shards = ShardedVectors(ShardLayout(shapes, 0, 1), None, torch.device("cpu"))
+
+    shape = property(lambda self: self.op.shape)
+    dtype = property(lambda self: self.op.dtype)
+    device = property(lambda self: self.op.device)
+
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self.op @ other
+
+
 def _outcome(call: Any) -> str:
     try:
         call()
@@ -70,6 +103,7 @@ def checks(rank: int) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     import lightning_hessian as lh
+    from lightning_hessian.callback import MONITORING_DEFAULTS
     from lightning_hessian.probes import make_generator
     from lightning_hessian.sharded import ShardedHessianOperator
     from lightning_hessian.shards import ShardLayout
@@ -110,8 +144,9 @@ def checks(rank: int) -> dict[str, Any]:
     probes = ShardLayout(shapes, 0, 1).random("rademacher", 6, make_generator("cpu", 1), torch.float64, "cpu")
     out["hutchinson"] = lh.trace(op, "hutchinson", 6, seed=1).value
     out["hutchinson_ref"] = float((probes * (reference @ probes)).sum(0).mean())
-    out["hutch++"] = lh.trace(op, "hutch++", 12, seed=1).value
-    out["xtrace"] = lh.trace(op, "xtrace", 12, seed=1).value
+    for method in ("hutch++", "xtrace"):
+        result = lh.trace(op, method, 12, seed=1)
+        out[method], out[f"{method}_stderr"] = result.value, result.stderr
     out["trace"], out["trace_ref"] = lh.trace(op, "exact").value, lh.trace(reference, "exact").value
 
     top = lh.eigenvalues(op, 2, tol=1e-10, return_vectors=True)
@@ -120,8 +155,27 @@ def checks(rank: int) -> dict[str, Any]:
     out["smallest_ref"] = lh.eigenvalues(reference, 1, "smallest", tol=1e-10).values
     density = lh.spectral_density(op, num_probes=2, num_steps=8)
     out["density_mass"], out["density_nodes"] = float(density.weights.sum()), density.nodes
-    shared = lh.analyze(model, loss_fn, rank_batches(rank), krylov="shared", top_k=2, tol=1e-10)
+    shared = lh.analyze(
+        model, loss_fn, rank_batches(rank), krylov="shared", top_k=2, tol=1e-10, trace=False, density=False
+    )  # the shared space's trace and density: below
     out["shared_top"] = shared.blocks["model"].eigenvalues.values
+
+    # Against the unsharded model with the same products (gradient differences) and the same global
+    # probes, so that only the sharding differs: the shared block Krylov space with the callback's
+    # defaults (top-3, smallest, Krylov-aware trace, block-quadrature density), Hutch++ and XTrace.
+    started = time.perf_counter(), time.process_time()
+    fd = lh.HessianOperator(network(), loss_fn, union, process_group=None, hvp="finite-difference")
+    out["product_fd"] = (fd @ v)[index]
+    defaults = {**MONITORING_DEFAULTS, "method": "iterative", "hvp": "finite-difference"}
+    out["defaults"] = summary(lh.analyze(model, loss_fn, rank_batches(rank), **defaults).blocks["model"])
+    reference_report = lh.analyze(network(), loss_fn, union, process_group=None, **defaults)
+    out["defaults_ref"] = summary(reference_report.blocks["model"])
+    for method in ("hutch++", "xtrace"):  # as above, on the sharded operator
+        result = lh.trace(fd, method, 12, seed=1)
+        out[f"{method}_plain"] = (result.value, result.stderr)
+        result = lh.trace(SameProbes(fd, shapes), method, 12, seed=1)
+        out[f"{method}_ref"] = (result.value, result.stderr)
+    out["seconds_defaults"] = (time.perf_counter() - started[0], time.process_time() - started[1])
 
     vectors = top.vectors
     full_vectors = torch.zeros(op.shape[0], 2, dtype=torch.float64)

@@ -8,8 +8,8 @@ this standalone script, started by ``tests/test_sharded_callback.py``::
 The module applies ``fully_shard`` to each linear layer and to the network in ``configure_model`` (the
 parameters become DTensors, each rank holding half of their rows); every rank trains on its own half of
 the data set of :mod:`tests.ddp_scenarios` (no DistributedSampler), in float64, and writes
-``<outdir>/rank<R>.pt`` with its ``hessian/*`` callback metrics, the callback's history and how ``fit``
-ended (``union`` also the full, gathered state dict).
+``<outdir>/rank<R>.pt`` with its ``hessian/*`` callback metrics, the callback's history, how ``fit``
+ended and, once it finished, the full, gathered state dict.
 
 Scenarios:
     union: two epochs, an evaluation after each, blocks="module", tight tolerances and the exact trace;
@@ -18,7 +18,10 @@ Scenarios:
     plain: the same training without the callback (its weights must be bit-identical to union's).
     failures: three epochs with the callback's defaults; rank 1's loss is NaN at the first evaluation
         and raises in the middle of the sharded forward (after the first layer's all-gather) at the
-        second; the third succeeds; ``on_error="warn"``.
+        second; the third succeeds; ``on_error="warn"``. Also writes the full state dict and the last
+        report's densities: the test compares the third evaluation (the default analysis: one shared
+        block Krylov space, its Krylov-aware trace and block-quadrature density) with the unsharded
+        model's, computed the same way.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ def run(scenario: str, outdir: Path) -> None:
         epochs = 2
     elif scenario == "failures":
         callback = lh.HessianCallback(
-            every_n_epochs=1, num_batches=NUM_BATCHES, loss_fn=faulty_loss, top_k=1, figures=False
+            every_n_epochs=1, num_batches=NUM_BATCHES, loss_fn=faulty_loss, figures=False
         )
         epochs = 3
     else:
@@ -168,10 +171,16 @@ def run(scenario: str, outdir: Path) -> None:
             "history": callback.history,
             "sharded": all(isinstance(p, DTensor) for p in module.parameters()),
         }
-        if scenario in ("union", "plain") and outcome == "finished":
+        if outcome == "finished":
             result["state_dict"] = {  # full_tensor() gathers: every rank calls it
                 k: v.full_tensor() if isinstance(v, DTensor) else v.detach().clone()
                 for k, v in module.state_dict().items()
+            }
+        if callback.last_report is not None:
+            result["densities"] = {
+                name: (block.density.nodes, block.density.weights)
+                for name, block in callback.last_report.blocks.items()
+                if block.density is not None
             }
         torch.save(result, outdir / f"rank{trainer.global_rank}.pt")
 

@@ -9,6 +9,7 @@ against the unsharded model on the union of both ranks' batches. Products are gr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -25,8 +26,15 @@ from lightning_hessian.reporting import scalar_metrics
 from tests import sharded_scenarios
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 150  # seconds per launch; a deadlocked rank would exceed it
+TIMEOUT = 300  # seconds per launch; a deadlocked rank would exceed it (a loaded 2-core machine: ~150)
 RTOL = 1e-7  # float64 gradient differences are about 1e-10 off; Lanczos tolerances 1e-9
+# Against the unsharded operator with the same products (hvp="finite-difference": one formula, one
+# step) and the same global probes, only the sharding differs: the gradients are summed in another
+# order, and that rounding divided by the step 2h ~ 1e-5 leaves the products this close, relative
+# (measured 1.5e-11 on the functional model). Everything downstream then agrees to rounding, where a
+# different draw of the probes would move a stochastic trace by its standard error (0.06 to 3 here)
+# and the density's nodes by a sizeable share of the spectrum.
+SAME_PRODUCTS = 1e-10
 
 
 def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -49,6 +57,28 @@ def _results(outdir: Path) -> list[dict[str, Any] | None]:
 
 def _close(a: Any, b: Any, rtol: float = RTOL, atol: float = 1e-10) -> bool:
     return torch.allclose(torch.as_tensor(a).double(), torch.as_tensor(b).double(), rtol=rtol, atol=atol)
+
+
+def _wasserstein1(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The Wasserstein-1 distance of two discrete measures ``(nodes, weights)``: the integral of
+    ``|F_a - F_b|`` over the line."""
+    nodes = torch.cat([a[0], b[0]]).double()
+    mass = torch.cat([a[1], -b[1]]).double()
+    order = torch.argsort(nodes)
+    between = torch.cumsum(mass[order], 0)[:-1]  # F_a - F_b between consecutive nodes
+    return float((between.abs() * nodes[order].diff()).sum())
+
+
+def _assert_same_density(
+    got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor], atol: float
+) -> None:
+    """Nodes (eigenvalue units) within ``atol``, weights within 1e-8, Wasserstein-1 within ``atol``."""
+    assert got[0].shape == ref[0].shape
+    assert _close(got[0], ref[0], rtol=0, atol=atol)
+    # Weights are squared Ritz-vector coordinates on the probes: a perturbation moves them by about
+    # itself over the gap to the next node (measured 1.3e-11); 1e-8 leaves room for close nodes.
+    assert _close(got[1], ref[1], rtol=0, atol=1e-8)
+    assert _wasserstein1(got, ref) <= atol
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +132,44 @@ def test_estimators_agree_with_the_unsharded_operator_on_every_rank(functional) 
         assert r["stability"] == pytest.approx(r["stability_ref"], rel=RTOL)  # Adam's sharded states
     for key in ("hutchinson", "hutch++", "xtrace", "trace", "top", "density_nodes", "geometry", "stability"):
         assert _close(functional[0][key], functional[1][key], rtol=0, atol=0), key  # lockstep
+
+
+def test_shared_space_and_stochastic_traces_equal_the_unsharded_ones_to_rounding(functional) -> None:
+    """The callback's shared-space defaults (top-3, smallest, Krylov-aware trace, block-quadrature
+    density), Hutch++ and XTrace, sharded and unsharded with the same products and probes.
+
+    Tolerances from the products' agreement ``d`` (checked first) and the spectral scale ``s``: a Ritz
+    value moves by at most about the perturbation of the projected matrix, ``d s``, with 10x for the
+    basis moving along (``10 d s``: 3e-9 here, measured 1e-11 at most); a trace sums ``N`` such terms
+    (``N d s``: 2e-8, measured 4e-11 at most), and so does a Hutchinson sample ``z^T H z`` (``||z||^2 =
+    N``) and XTrace's ``(N - s + 1)``-scaled remainder. A reference with other probes (seed 1) is off
+    by 6e-3 in the trace and 6e-2 in the density's Wasserstein-1 distance.
+    """
+    n = functional[0]["n"]
+    for r in functional:
+        unsharded = r["product_fd"]
+        assert float((r["product"] - unsharded).abs().max() / unsharded.abs().max()) < SAME_PRODUCTS
+        got, ref = r["defaults"], r["defaults_ref"]
+        scale = float(ref["nodes"].abs().max())
+        eigen_tol, trace_tol = 10 * SAME_PRODUCTS * scale, n * SAME_PRODUCTS * scale
+        # the same stopping decisions: as many products, the same convergence flags
+        assert got["num_matvecs"] == ref["num_matvecs"] and torch.equal(got["converged"], ref["converged"])
+        assert _close(got["top"], ref["top"], rtol=0, atol=eigen_tol)
+        assert _close(got["smallest"], ref["smallest"], rtol=0, atol=eigen_tol)
+        assert got["trace"][2] == ref["trace"][2] > 0 and ref["trace"][1] > 0  # a remainder was sampled
+        assert got["trace"][0] == pytest.approx(ref["trace"][0], rel=0, abs=trace_tol)
+        assert got["trace"][1] == pytest.approx(ref["trace"][1], rel=0, abs=trace_tol)
+        assert got["nodes"].numel() < n  # a quadrature of the probes, not the whole spectrum
+        _assert_same_density((got["nodes"], got["weights"]), (ref["nodes"], ref["weights"]), eigen_tol)
+        # Hutch++ probes are Rademacher: those of the plain unsharded operator. XTrace's are Gaussian,
+        # drawn per parameter when sharded, not as the plain torch.randn(N, s) (README, "Probes"):
+        # the reference draws them as a one-rank layout does.
+        for method, key in (("hutch++", "hutch++_plain"), ("xtrace", "xtrace_ref")):
+            value, stderr = r[key]
+            assert r[method] == pytest.approx(value, rel=0, abs=trace_tol), method
+            assert r[f"{method}_stderr"] == pytest.approx(stderr, rel=0, abs=trace_tol) and stderr > 0, method
+        value, stderr = r["xtrace_plain"]  # other probes: the same trace within the errors
+        assert abs(r["xtrace"] - value) <= 3 * math.hypot(r["xtrace_stderr"], stderr)
 
 
 def test_failures_on_one_rank_raise_on_both_at_the_same_point(functional) -> None:
@@ -161,10 +229,17 @@ def test_model_parallel_training_is_bit_identical_with_and_without_the_callback(
         assert torch.equal(value, evaluated["state_dict"][name]), name
 
 
-def test_model_parallel_failure_on_one_rank_is_skipped_on_both_and_training_finishes(tmp_path: Path) -> None:
-    process = _launch("sharded_scenarios.py", "failures", str(tmp_path))
-    results = _results(tmp_path)
+@pytest.fixture(scope="module")
+def failures_run(tmp_path_factory) -> tuple[list[dict[str, Any]], str]:
+    outdir = tmp_path_factory.mktemp("sharded_failures")
+    process = _launch("sharded_scenarios.py", "failures", str(outdir))
+    results = _results(outdir)
     assert process.returncode == 0 and all(results), process.stderr[-4000:]
+    return results, process.stderr
+
+
+def test_model_parallel_failure_on_one_rank_is_skipped_on_both_and_training_finishes(failures_run) -> None:
+    results, stderr = failures_run
     steps = sharded_scenarios.TRAIN_STEPS_PER_EPOCH
     for result in results:
         assert result["outcome"] == "finished"
@@ -176,4 +251,41 @@ def test_model_parallel_failure_on_one_rank_is_skipped_on_both_and_training_fini
     assert [e.get("error") for e in results[0]["history"]] == [e.get("error") for e in results[1]["history"]]
     assert results[0]["metrics"] == results[1]["metrics"]
     assert math.isfinite(results[0]["metrics"]["hessian/model/eigenvalue_1"])
-    assert "failed" in process.stderr  # the warning (rank 0)
+    assert "failed" in stderr  # the warning (rank 0)
+
+
+def test_model_parallel_callback_defaults_equal_the_unsharded_shared_space_on_the_union(failures_run) -> None:
+    """The third evaluation of the failures run: the callback's default analysis (one shared block
+    Krylov space: top-3, smallest, Krylov-aware trace, block-quadrature density; stability and
+    gradient geometry) against the unsharded model on the union, computed the same way (iterative,
+    gradient differences, the same probes). Tolerances as in
+    ``test_shared_space_and_stochastic_traces_equal_the_unsharded_ones_to_rounding``."""
+    results, _ = failures_run
+    module = sharded_scenarios.make_module(shard=False)
+    module.load_state_dict(results[0]["state_dict"])
+    callback = lh.HessianCallback(num_batches=sharded_scenarios.NUM_BATCHES, figures=False)
+    assert callback.settings.krylov == "shared" and callback.settings.trace_method == "hutch++"
+    settings = dataclasses.replace(callback.settings, method="iterative", hvp="finite-difference")
+    optimizer = module.configure_optimizers()
+    report = analyze_with(
+        module, None, sharded_scenarios.union(), settings, process_group=None, optimizer=optimizer
+    )
+    # num_matvecs differs by design: the sharded batch sharpness counts W B single-batch passes
+    skip = {"hessian/seconds", "hessian/num_matvecs"}
+    expected = {k: v for k, v in scalar_metrics(report).items() if k not in skip}
+    block = report.blocks["model"]
+    n, scale = block.size, float(block.density.nodes.abs().max())
+    assert block.density.nodes.numel() < n and block.trace.num_matvecs > 0 and block.trace.stderr > 0
+    eigen_tol, trace_tol = 10 * SAME_PRODUCTS * scale, n * SAME_PRODUCTS * scale
+    names = {"hessian/model/trace", "hessian/model/trace_stderr", "hessian/model/eigenvalue_3"}
+    assert names | {"hessian/model/stability", "hessian/model/batch_sharpness"} <= set(expected)
+    for result in results:
+        assert result["history"][-1]["ok"]
+        metrics = result["metrics"]
+        for name, value in expected.items():
+            # the rest (eigenvalues, stability, curvatures, alignment, loss) within 10 d s
+            tol = trace_tol if "/trace" in name else eigen_tol
+            assert math.isclose(metrics[name], value, rel_tol=10 * SAME_PRODUCTS, abs_tol=tol), name
+        _assert_same_density(
+            result["densities"]["model"], (block.density.nodes, block.density.weights), eigen_tol
+        )

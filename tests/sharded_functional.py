@@ -71,25 +71,6 @@ def summary(block: Any) -> dict[str, Any]:
     }
 
 
-class SameProbes:
-    """An unsharded operator whose estimators draw the probes as a one-rank shard layout does: each
-    parameter's block in turn, the global vectors of every number of ranks (the plain draw of
-    ``torch.randn(N, m)`` is another one; the Rademacher draws coincide)."""
-
-    def __init__(self, op: Any, shapes: dict[str, torch.Size]) -> None:
-        from lightning_hessian.shards import ShardedVectors, ShardLayout
-
-        self.op = op
-        self.shards = ShardedVectors(ShardLayout(shapes, 0, 1), None, torch.device("cpu"))
-
-    shape = property(lambda self: self.op.shape)
-    dtype = property(lambda self: self.op.dtype)
-    device = property(lambda self: self.op.device)
-
-    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
-        return self.op @ other
-
-
 def _outcome(call: Any) -> str:
     try:
         call()
@@ -173,8 +154,6 @@ def checks(rank: int) -> dict[str, Any]:
     for method in ("hutch++", "xtrace"):  # as above, on the sharded operator
         result = lh.trace(fd, method, 12, seed=1)
         out[f"{method}_plain"] = (result.value, result.stderr)
-        result = lh.trace(SameProbes(fd, shapes), method, 12, seed=1)
-        out[f"{method}_ref"] = (result.value, result.stderr)
     out["seconds_defaults"] = (time.perf_counter() - started[0], time.process_time() - started[1])
 
     vectors = top.vectors

@@ -30,6 +30,7 @@ from .callback_checks import (
     check_batch_size,
     check_loss_fn,
     check_parameter_selection,
+    check_sharded_settings,
     compute_dtype,
     warn_unreachable_schedule,
 )
@@ -472,10 +473,13 @@ class HessianCallback(Callback):
 
         Raises:
             MisconfigurationException: For ``params=``/``blocks=`` patterns that match no parameter,
-                or ``data="val"`` in a run without a validation dataloader.
+                ``data="val"`` in a run without a validation dataloader, or, for a sharded (FSDP2)
+                model, half-precision parameters, ``method="dense"``, an exact ``hvp`` or another
+                ``dtype`` (:func:`~lightning_hessian.callback_checks.check_sharded_settings`).
         """
         module = trainer.lightning_module or pl_module
         check_parameter_selection(module, self.settings)
+        check_sharded_settings(module, self.settings)
         if self.data == "val":
             check_validation_data(trainer)
         warn_unreachable_schedule(self.schedule, trainer.max_epochs, trainer.max_steps)

@@ -2,8 +2,9 @@
 stops ``fit`` with its fix instead of becoming one warning per epoch and nothing logged.
 
 Each function checks one thing: at construction (the loss function's signature), at ``on_fit_start``
-once the module's parameters exist (the ``params=``/``blocks=`` patterns, the schedule against the
-trainer's limits, the compute dtype), or at the first captured batch (its size).
+once the module's parameters exist (the ``params=``/``blocks=`` patterns, a sharded module's dtype and
+settings, the schedule against the trainer's limits, the compute dtype), or at the first captured
+batch (its size).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch import nn
 from .parameters import resolve_blocks, select_parameters
 from .schedule import Schedule
 from .settings import AnalysisSettings
+from .sharded import SHARDED_HVP
+from .shards import has_sharded_parameters
 
 #: Parameter dtypes whose Hessian the callback computes in float32 unless a ``dtype`` is given.
 HALF_PRECISION = (torch.float16, torch.bfloat16)
@@ -68,6 +71,69 @@ def check_parameter_selection(module: nn.Module, settings: AnalysisSettings) -> 
         resolve_blocks(list(selected), settings.blocks)
     except ValueError as error:
         raise MisconfigurationException(f"HessianCallback: {error}") from error
+
+
+def check_sharded_settings(module: nn.Module, settings: AnalysisSettings) -> None:
+    """Check a sharded module's parameters and the settings against what its Hessian supports.
+
+    A module whose parameters are ``DTensor``s (FSDP2's ``fully_shard`` under ``ModelParallelStrategy``)
+    is analyzed by :class:`~lightning_hessian.sharded.ShardedHessianOperator`: its products are
+    gradient differences (FSDP2 has no double backward) computed by the sharded module itself, in its
+    parameters' dtype, and every block is estimated iteratively. Settings outside these rules would
+    fail every evaluation, so they stop ``fit`` here instead. Half-precision parameters are refused:
+    gradient differences carry a relative error of about ``10 u^(2/3)`` (``u`` the unit roundoff),
+    2-10% in bfloat16 and 0.6-2.5% in float16 as measured against float64, and a sharded module cannot
+    be evaluated in float32 as a whole one is. A module with whole parameters passes unchecked.
+
+    Args:
+        module: The LightningModule, with its parameters created and sharded (``on_fit_start``).
+        settings: The callback's analysis settings (its ``params=`` already checked).
+
+    Raises:
+        MisconfigurationException: For float16/bfloat16 sharded parameters (naming ``precision=``),
+            ``method="dense"``, an ``hvp`` other than ``"auto"``/``"finite-difference"``, selected
+            parameters of several dtypes, or a ``dtype=`` other than the parameters' own.
+
+    Example:
+        >>> check_sharded_settings(nn.Linear(2, 2), AnalysisSettings(method="dense"))  # whole: passes
+    """
+    if not has_sharded_parameters(module):
+        return
+    dtypes = sorted({p.dtype for p in select_parameters(module, settings.params).values()}, key=str)
+    half = [dtype for dtype in dtypes if dtype in HALF_PRECISION]
+    if half:
+        raise MisconfigurationException(
+            f"HessianCallback: the sharded (FSDP2) parameters are {half[0]} (Trainer(precision="
+            "'bf16-true') or '16-true'). A sharded model's Hessian comes from gradient differences in "
+            "its parameters' dtype, which in half precision are 2-10% (bfloat16) or 0.6-2.5% (float16) "
+            "off. Keep float32 parameters: Trainer(precision='bf16-mixed') (ModelParallelStrategy "
+            "supports it; training still computes in bfloat16) or precision='32-true'."
+        )
+    if settings.method == "dense":
+        raise MisconfigurationException(
+            "HessianCallback: method='dense' cannot be used with a sharded (FSDP2) model: a dense Hessian "
+            "is an N x N matrix on every rank. Pass method='auto' or method='iterative' (every block of "
+            "a sharded model is estimated iteratively; a small block's estimates are exact to the "
+            "products' accuracy)."
+        )
+    if settings.hvp not in SHARDED_HVP:
+        raise MisconfigurationException(
+            f"HessianCallback: analyze_kwargs={{'hvp': {settings.hvp!r}}} cannot be used with a sharded "
+            "(FSDP2) model: FSDP2 has no double backward, so its products are gradient differences. Use "
+            f"one of {SHARDED_HVP}, or leave 'hvp' out of analyze_kwargs."
+        )
+    if len(dtypes) > 1:
+        raise MisconfigurationException(
+            "HessianCallback: the selected sharded parameters have several dtypes "
+            f"{[str(d) for d in dtypes]}; a sharded model is analyzed in its parameters' one dtype. Select "
+            "parameters of one dtype with params=, or create them all in one dtype."
+        )
+    if settings.dtype is not None and settings.dtype != dtypes[0]:
+        raise MisconfigurationException(
+            f"HessianCallback: dtype={settings.dtype} cannot be used with a sharded (FSDP2) model, whose "
+            f"products run through the sharded module in its parameters' dtype ({dtypes[0]}). Pass "
+            "dtype=None (or that dtype), or create the parameters in the dtype to differentiate in."
+        )
 
 
 def warn_unreachable_schedule(schedule: Schedule, max_epochs: int | None, max_steps: int) -> None:

@@ -140,8 +140,11 @@ class HessianCallback(Callback):
     ``MisconfigurationException`` naming the fix: ``params=``/``blocks=`` patterns that match no
     parameter, ``data="val"`` without a validation dataloader, manual optimization without
     ``loss_fn``, ``FSDPStrategy``/``DeepSpeedStrategy`` or tensor parallelism (FSDP2 under
-    ``ModelParallelStrategy`` is supported: README, "Sharded models"), a training batch whose size
-    cannot be told. A schedule that cannot fire within ``max_epochs``/``max_steps`` is a warning.
+    ``ModelParallelStrategy`` is supported: README, "Sharded models"), what an FSDP2 model cannot use
+    (half-precision parameters, ``precision="bf16-true"``/``"16-true"``: use ``"bf16-mixed"``;
+    ``method="dense"``; an ``hvp`` other than ``"auto"``/``"finite-difference"``; another ``dtype``),
+    a training batch whose size cannot be told. A schedule that cannot fire within
+    ``max_epochs``/``max_steps`` is a warning.
 
     With the default loss (the module's ``training_step``) the evaluations run ``training_step``
     again, many times. The callback undoes what that does to the module: ``self.log`` is silenced, and
@@ -189,9 +192,13 @@ class HessianCallback(Callback):
         mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"``.
         dtype: Compute dtype (``torch.float64`` or ``"float64"``); default the parameters' dtype, except
             for float16/bfloat16 parameters (``precision="bf16-true"``, ``"16-true"``), whose Hessian
-            is computed in float32 (said once at the start of ``fit``).
+            is computed in float32 (said once at the start of ``fit``). A sharded (FSDP2) model is
+            computed in its parameters' dtype: ``dtype`` must be ``None`` or that dtype, and
+            half-precision sharded parameters stop ``fit`` (``precision="bf16-mixed"`` keeps float32
+            parameters).
         seed: Seed of every random probe (the training RNG is never touched).
-        method: ``"auto"``, ``"dense"`` or ``"iterative"`` (passed to ``analyze``).
+        method: ``"auto"``, ``"dense"`` or ``"iterative"`` (passed to ``analyze``; ``"dense"`` stops
+            ``fit`` for a sharded model).
         dense_limit: Blocks up to this size are computed exactly with ``method="auto"``.
         analyze_kwargs: More settings of :func:`lightning_hessian.analyze` (the
             :class:`~lightning_hessian.settings.AnalysisSettings` this callback has no argument for),

@@ -31,6 +31,8 @@ from .callback_checks import (
     check_loss_fn,
     check_parameter_selection,
     check_sharded_settings,
+    check_warm_start,
+    check_warm_start_blocks,
     compute_dtype,
     warn_unreachable_schedule,
 )
@@ -245,13 +247,17 @@ class HessianCallback(Callback):
             the top eigenvectors turn little between evaluations; without one (``density=False``) a
             warm start is one chain from the kept vectors and a probe (NOTE [Warm start without
             density] in :mod:`~lightning_hessian.shared_space`). README, "What it costs", has the numbers.
+            It needs vectors to keep and a Krylov space to start: ``top_k=0``, ``krylov="separate"``
+            and ``method="dense"`` are refused at construction, and a run whose blocks are all computed
+            exactly (each at most ``dense_limit`` parameters) stops ``fit`` before training.
 
     Raises:
         TypeError: For an argument of the wrong type (a ``loss_fn`` that cannot be called as
             ``loss_fn(module, batch)`` included), naming it and the fix.
         ValueError: For an argument of the right type but an unsupported value (one batch passed as
-            ``data=(x, y)``, or ``batch_size_fn`` given both directly and in ``analyze_kwargs``
-            included), naming it and the fix.
+            ``data=(x, y)``, ``batch_size_fn`` given both directly and in ``analyze_kwargs``, or
+            ``warm_start=True`` with settings under which no vector would be kept or used included),
+            naming it and the fix.
 
     Example:
         >>> import lightning as L
@@ -336,6 +342,8 @@ class HessianCallback(Callback):
             landscape=landscape,
             **more,
         )
+        if self.warm_start:
+            check_warm_start(self.settings)
         self.stability = check_bool("stability", stability)
         self.eigenvector_overlap = check_bool("eigenvector_overlap", eigenvector_overlap)
         if loss_fn is not None:
@@ -482,11 +490,14 @@ class HessianCallback(Callback):
             MisconfigurationException: For ``params=``/``blocks=`` patterns that match no parameter,
                 ``data="val"`` in a run without a validation dataloader, or, for a sharded (FSDP2)
                 model, half-precision parameters, ``method="dense"``, an exact ``hvp`` or another
-                ``dtype`` (:func:`~lightning_hessian.callback_checks.check_sharded_settings`).
+                ``dtype`` (:func:`~lightning_hessian.callback_checks.check_sharded_settings`), or
+                ``warm_start=True`` when every block is computed exactly.
         """
         module = trainer.lightning_module or pl_module
         check_parameter_selection(module, self.settings)
         check_sharded_settings(module, self.settings)
+        if self.warm_start:
+            check_warm_start_blocks(module, self.settings)
         if self.data == "val":
             check_validation_data(trainer)
         warn_unreachable_schedule(self.schedule, trainer.max_epochs, trainer.max_steps)

@@ -1,10 +1,10 @@
 """The checks :class:`~lightning_hessian.HessianCallback` runs before training, so that a setup mistake
 stops ``fit`` with its fix instead of becoming one warning per epoch and nothing logged.
 
-Each function checks one thing: at construction (the loss function's signature), at ``on_fit_start``
-once the module's parameters exist (the ``params=``/``blocks=`` patterns, a sharded module's dtype and
-settings, the schedule against the trainer's limits, the compute dtype), or at the first captured
-batch (its size).
+Each function checks one thing: at construction (the loss function's signature, a warm start's
+settings), at ``on_fit_start`` once the module's parameters exist (the ``params=``/``blocks=``
+patterns, a sharded module's dtype and settings, a warm start's iterative blocks, the schedule against
+the trainer's limits, the compute dtype), or at the first captured batch (its size).
 """
 
 from __future__ import annotations
@@ -133,6 +133,69 @@ def check_sharded_settings(module: nn.Module, settings: AnalysisSettings) -> Non
             f"HessianCallback: dtype={settings.dtype} cannot be used with a sharded (FSDP2) model, whose "
             f"products run through the sharded module in its parameters' dtype ({dtypes[0]}). Pass "
             "dtype=None (or that dtype), or create the parameters in the dtype to differentiate in."
+        )
+
+
+def check_warm_start(settings: AnalysisSettings) -> None:
+    """Refuse ``warm_start=True`` where no Ritz vector would be kept or used (at construction).
+
+    Args:
+        settings: The callback's analysis settings, built with ``keep_vectors=top_k``.
+
+    Raises:
+        ValueError: For ``top_k=0`` or ``keep_vectors=0`` (nothing kept), ``krylov="separate"`` or
+            ``method="dense"`` (no shared Krylov space to start), naming the argument and the fix.
+    """
+    if settings.top_k == 0:
+        raise ValueError(
+            "`warm_start=True` starts each evaluation from the previous top-k Ritz vectors, but top_k=0 "
+            "keeps none. Pass top_k >= 1 (e.g. top_k=3), or warm_start=False."
+        )
+    if settings.keep_vectors == 0:
+        raise ValueError(
+            "`warm_start=True` needs kept Ritz vectors, but analyze_kwargs={'keep_vectors': 0} keeps none. "
+            "Leave 'keep_vectors' out of analyze_kwargs (warm_start keeps top_k of them), or pass "
+            "warm_start=False."
+        )
+    if settings.krylov != "shared":
+        raise ValueError(
+            f"`warm_start=True` starts the shared Krylov space, but analyze_kwargs={{'krylov': "
+            f"{settings.krylov!r}}} uses separate estimators, which ignore the kept vectors. Leave 'krylov' "
+            "out of analyze_kwargs (the monitoring default is 'shared'), or pass warm_start=False."
+        )
+    if settings.method == "dense":
+        raise ValueError(
+            "`warm_start=True` starts the Krylov space of iterative blocks, but method='dense' computes "
+            "every block exactly, without one. Pass method='auto' or 'iterative', or warm_start=False."
+        )
+
+
+def check_warm_start_blocks(module: nn.Module, settings: AnalysisSettings) -> None:
+    """Check that ``warm_start=True`` has an iterative block to start (construction checked the rest).
+
+    Under ``method="auto"`` blocks of at most ``dense_limit`` parameters are computed exactly, without
+    a Krylov space; when every block is, the kept vectors would never be used. A sharded model's blocks
+    are all iterative.
+
+    Args:
+        module: The LightningModule, with its parameters created (``on_fit_start``).
+        settings: The callback's analysis settings (its ``params=``/``blocks=`` already checked).
+
+    Raises:
+        MisconfigurationException: If every block is computed exactly, naming the sizes and the fix.
+    """
+    if settings.method != "auto" or has_sharded_parameters(module):
+        return
+    selected = select_parameters(module, settings.params)
+    groups = resolve_blocks(list(selected), settings.blocks)
+    sizes = {name: sum(selected[p].numel() for p in names) for name, names in groups.items()}
+    if all(size <= settings.dense_limit for size in sizes.values()):
+        largest = max(sizes.values())
+        raise MisconfigurationException(
+            f"HessianCallback(warm_start=True) would do nothing: every block has at most dense_limit="
+            f"{settings.dense_limit} parameters (the largest {largest}), so each is computed exactly, "
+            f"without a Krylov space to start. Pass dense_limit < {largest} or method='iterative' to "
+            "estimate blocks iteratively, or warm_start=False."
         )
 
 

@@ -374,8 +374,12 @@ class HessianCallback(Callback):
         self._lightning_batch_size = LightningBatchSize()
         self._resuming = False  # load_state_dict ran since the last fit started: continue its run
         self.budget = OverheadBudget(max_overhead)
-        self._ritz = RitzVectorStore(rank_zero_info)
-        self._eigenvectors = RitzVectorStore(rank_zero_info)  # the previous top-k, for the overlap
+        self._ritz = RitzVectorStore(rank_zero_info, "Ritz vectors (warm_start=True)")
+        self._eigenvectors = RitzVectorStore(  # the previous top-k, for the overlap
+            rank_zero_info,
+            "top eigenvectors (eigenvector_overlap=True)",
+            f"the evaluation after a drop does not log {DEFAULT_PREFIX}/{{block}}/eigenvector_overlap",
+        )
 
     params = _setting("params")
     blocks = _setting("blocks")

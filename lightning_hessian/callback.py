@@ -175,7 +175,7 @@ class HessianCallback(Callback):
         epochs: Explicit 0-based epoch indices to evaluate after.
         every_n_steps: Evaluate every ``n`` optimizer steps (``trainer.global_step``).
         evaluate_at_end: Evaluate once when training ends, unless that model state (global step)
-            was just evaluated.
+            was just evaluated or ``max_overhead`` has no room for it (see there).
         data: ``"train"``: the first ``num_batches`` training batches, copied (on the device) as
             they pass, reused at every evaluation; ``"val"``: the first ``num_batches`` batches of
             the validation dataloader; or an iterable of batches (list or DataLoader), moved to the
@@ -218,11 +218,16 @@ class HessianCallback(Callback):
             default Lightning's own rule (``extract_batch_size``: the first tensor's first
             dimension), with a warning when a batch's tensors disagree. Pass it for time-major
             tensors or batches without a tensor holding the samples.
-        max_overhead: The share of wall time since training began that curvature may take (e.g.
-            ``0.1``): an evaluation that would push it above is postponed to the next scheduled point
-            (never made less accurate), with one info line the first time; the share can exceed the
-            budget by one evaluation. ``None`` (default): every scheduled evaluation runs.
-            ``hessian/overhead`` (curvature seconds per training second) is logged either way.
+        max_overhead: The share of wall time since ``fit`` started that curvature may take (e.g.
+            ``0.1``): an evaluation that would push it above, if it took as long as the last one, is
+            postponed to the next scheduled point that fits (never made less accurate), with one info
+            line the first time; the share can exceed the budget by one evaluation. Every second of
+            an evaluation counts: its logging, and a failed evaluation's. The end-of-training
+            evaluation (``evaluate_at_end``) obeys the budget too: it is the last scheduled point, so
+            when it does not fit it is skipped, with an info line of its own, and the final model is
+            not evaluated (pass a larger budget, or ``None``, to have it). ``None`` (default): every
+            scheduled evaluation runs. ``hessian/overhead`` (curvature seconds per training second,
+            before this evaluation's logging) is logged either way.
         stability: Log ``hessian/B/stability`` (1.0 is the edge of stability: the optimizer, frozen
             at its state, diverges on the local quadratic model above it) and, for adaptive
             optimizers, ``hessian/B/preconditioned_eigenvalue_1`` (:func:`lightning_hessian.stability`).
@@ -598,18 +603,18 @@ class HessianCallback(Callback):
         step = trainer.global_step
         epoch = trainer.current_epoch if self._epoch is None else self._epoch
         module = trainer.lightning_module or pl_module  # never the DDP wrapper
-        if not self._budget_allows(trainer, epoch, step):
+        if not self._budget_allows(trainer, epoch, step, reason):
             return
         self._last_step = step
         entry: dict[str, Any] = {"epoch": epoch, "step": step, "reason": reason}
-        start, recorded = self.budget.clock(), False
+        start, recorded = self.budget.clock(), None
         try:
             batches = self._agreed(trainer, lambda: self._evaluation_batches(trainer, module))
             entry["num_batches"] = len(batches)
             report = self._agreed(trainer, lambda: self._analyze(trainer, module, batches, epoch))
             self._keep_vectors(report)
-            self.budget.record(self.budget.clock() - start)
-            recorded = True
+            recorded = self.budget.clock()
+            self.budget.record(recorded - start)
             # Each rank measures its own clock; the mean over ranks is logged, identical everywhere.
             overhead = (
                 agree_on_failure(
@@ -621,14 +626,12 @@ class HessianCallback(Callback):
                 / trainer.world_size
             )
             extra = {"overhead": overhead}
-            logging_start = self.budget.clock()
             metrics = self._agreed(trainer, lambda: self._log(trainer, report, epoch, step, reason, extra))
-            self.budget.extend(self.budget.clock() - logging_start)
         except _AgreedFailure as failure:
-            if not recorded:
-                self.budget.record(self.budget.clock() - start)
+            self._count_seconds(start, recorded)
             self._skip(entry, failure.error, failure.message)
             return
+        self._count_seconds(start, recorded)
         entry.update(ok=True, wall_seconds=self.budget.clock() - start, **metrics)
         entry["hvp"] = {name: block.hvp for name, block in report.blocks.items()}  # the product method
         self.history.append(entry)
@@ -649,7 +652,15 @@ class HessianCallback(Callback):
             if block.eigenvalues is not None and not self.settings.eigenvectors:
                 block.eigenvalues.vectors = None
 
-    def _budget_allows(self, trainer: pl.Trainer, epoch: int, step: int) -> bool:
+    def _count_seconds(self, start: float, recorded: float | None) -> None:
+        """Count an evaluation's seconds after the analysis (its logging), or all of a failed one's."""
+        now = self.budget.clock()
+        if recorded is None:
+            self.budget.record_failure(now - start)
+        else:
+            self.budget.extend(now - recorded)
+
+    def _budget_allows(self, trainer: pl.Trainer, epoch: int, step: int, reason: str) -> bool:
         """Whether the overhead budget lets this evaluation run (agreed by every rank)."""
         postpone = agree_on_failure(
             None,
@@ -658,13 +669,22 @@ class HessianCallback(Callback):
             values=[float(not self.budget.allows())],
             op="max",
         ).values[0]
-        if postpone:
+        budget = f"max_overhead={self.budget.max_share:g} of the wall time"
+        if postpone and reason == "end":
+            self._inform_once(
+                "budget-end",
+                f"HessianCallback: the evaluation at the end of training (epoch {epoch}, step {step}) is "
+                f"skipped: it would push curvature above {budget}, and no scheduled point is left to "
+                f"postpone it to (the last evaluation was at step {self._last_step}). Pass a larger "
+                "max_overhead (or None) to evaluate the final model, or call lightning_hessian.analyze "
+                "on it after fit.",
+            )
+        elif postpone:
             self._inform_once(
                 "budget",
                 f"HessianCallback: the evaluation at epoch {epoch}, step {step} is postponed to the next "
-                f"scheduled point to keep curvature within max_overhead={self.budget.max_share:g} of the "
-                "wall time (it would have taken about as long as the last one). Later postponements are "
-                "not reported.",
+                f"scheduled point that fits the budget, to keep curvature within {budget} (it would take "
+                "about as long as the last one). Later postponements are not reported.",
             )
         return not postpone
 

@@ -669,8 +669,10 @@ class HessianCallback(Callback):
             values=[float(not self.budget.allows())],
             op="max",
         ).values[0]
+        if not postpone:
+            return True
         budget = f"max_overhead={self.budget.max_share:g} of the wall time"
-        if postpone and reason == "end":
+        if reason == "end":
             self._inform_once(
                 "budget-end",
                 f"HessianCallback: the evaluation at the end of training (epoch {epoch}, step {step}) is "
@@ -679,14 +681,14 @@ class HessianCallback(Callback):
                 "max_overhead (or None) to evaluate the final model, or call lightning_hessian.analyze "
                 "on it after fit.",
             )
-        elif postpone:
+        else:
             self._inform_once(
                 "budget",
                 f"HessianCallback: the evaluation at epoch {epoch}, step {step} is postponed to the next "
                 f"scheduled point that fits the budget, to keep curvature within {budget} (it would take "
                 "about as long as the last one). Later postponements are not reported.",
             )
-        return not postpone
+        return False
 
     def _agreed(self, trainer: pl.Trainer, phase: Callable[[], Any]) -> Any:
         """Run one phase on every rank and agree on its outcome (one small all-reduce).

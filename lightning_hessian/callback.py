@@ -125,12 +125,13 @@ class HessianCallback(Callback):
     and a fixed set of batches, then logs, at the step of Lightning's own metrics of that batch or
     epoch, for every block ``B``: ``hessian/B/trace``, ``trace_stderr``, ``hessian/B/eigenvalue_1``
     ... ``eigenvalue_k``, ``eigenvalue_min``, ``eigenvalues_converged``, ``hessian/loss``,
-    ``hessian/num_matvecs`` and ``hessian/seconds`` to every logger and ``trainer.callback_metrics``,
-    with the training dynamics ``hessian/B/stability``, ``preconditioned_eigenvalue_1``,
-    ``gradient_alignment``, ``gradient_curvature``, ``batch_sharpness`` and ``eigenvector_overlap``
-    (see their arguments); to TensorBoard, W&B, MLflow and CSV loggers also the histogram
-    ``hessian/B/spectrum`` and the figures ``hessian/B/density`` and (``landscape=True``)
-    ``hessian/B/landscape``.
+    ``hessian/num_matvecs``, ``hessian/seconds`` and ``hessian/overhead`` (curvature seconds per
+    training second since ``fit`` started, see ``max_overhead``) to every logger and
+    ``trainer.callback_metrics``, with the training dynamics ``hessian/B/stability``,
+    ``preconditioned_eigenvalue_1``, ``gradient_alignment``, ``gradient_curvature``,
+    ``batch_sharpness`` and ``eigenvector_overlap`` (see their arguments); to TensorBoard, W&B,
+    MLflow and CSV loggers also the histogram ``hessian/B/spectrum`` and the figures
+    ``hessian/B/density`` and (``landscape=True``) ``hessian/B/landscape``.
 
     Evaluations happen in ``on_train_epoch_end`` (after that epoch's validation), so a
     ``ModelCheckpoint``/``EarlyStopping`` that monitors a ``hessian/...`` value needs
@@ -158,12 +159,23 @@ class HessianCallback(Callback):
     loss.
 
     Monitoring defaults (:data:`MONITORING_DEFAULTS`, each overridable through ``analyze_kwargs``):
-    blocks up to ``dense_limit`` parameters are exact; every larger block is estimated from one block
-    Krylov space (``krylov="shared"``: 4 Rademacher probes, 8 to 32 block steps) that gives the top-k
-    and smallest eigenvalues, converged to a residual of ``tol=1e-3`` of the spectral scale (their
-    convergence is logged as ``eigenvalues_converged``), the density (block quadrature over the 4
-    probes), and the trace (exact on the space plus 16 Hutchinson probes of the deflated remainder; its
-    standard error is logged as ``trace_stderr``). For tighter numbers pass e.g.
+    blocks up to ``dense_limit`` parameters are exact (``trace_stderr`` 0). Every larger block is
+    estimated from one block Krylov space (``krylov="shared"``) grown from ``density_probes=4``
+    Rademacher probes, up to 4 products a block step, for 8 to ``density_steps=32`` steps (from the
+    8th on it stops as soon as the wanted eigenvalues have converged). From that space:
+
+    - the top-k and smallest eigenvalues are Ritz values converged to a residual ``||H y - θ y||`` of
+      at most ``tol=1e-3`` times the spectral scale ``max |θ|``, so each lies within that distance of
+      an eigenvalue (within residual² / gap for an isolated one); ``eigenvalues_converged`` logs the
+      share that converged;
+    - the density is the space's block Gauss quadrature: its Ritz values as nodes (up to 4 a step),
+      weighted by their squared components along the 4 probes, averaged over the probes;
+    - the trace is ``tr(QᵀHQ)`` on the space (no sampling error) plus a Hutchinson estimate of the
+      rest from ``trace_matvecs=16`` Rademacher probes projected off the space (16 more products);
+      ``trace_stderr`` is the standard error of that estimate, the sample standard deviation of its 16
+      samples over √16 (0 when the space spans the block).
+
+    For tighter numbers pass e.g.
     ``analyze_kwargs={"tol": 1e-6, "trace_matvecs": 64, "density_steps": 64}``; for the separate
     estimators of :func:`lightning_hessian.analyze`, ``{"krylov": "separate"}``. README, "What it
     costs", has the measured cost and accuracy of these defaults.

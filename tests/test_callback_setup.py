@@ -295,7 +295,10 @@ def test_bf16_true_parameters_are_analyzed_in_float32(tmp_path, caplog):
     assert [x.dtype for x, _ in hessian.batches] == [torch.bfloat16] * 2  # as training saw them
     reference = torch.linalg.eigvalsh(lh.hessian(module, cross_entropy_loss, batches).double())
     sizes = [len(y) for _, y in batches]
-    loss = sum(float(cross_entropy_loss(module.eval(), b)) * n for b, n in zip(batches, sizes, strict=True))
+    with torch.no_grad():
+        loss = sum(
+            float(cross_entropy_loss(module.eval(), b)) * n for b, n in zip(batches, sizes, strict=True)
+        )
     assert entry["hessian/loss"] == pytest.approx(loss / sum(sizes), rel=1e-6)
     assert bool(hessian.last_report.blocks["model"].eigenvalues.converged.all())
     for i in (1, 2):

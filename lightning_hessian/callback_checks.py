@@ -82,8 +82,9 @@ def check_sharded_settings(module: nn.Module, settings: AnalysisSettings) -> Non
     parameters' dtype, and every block is estimated iteratively. Settings outside these rules would
     fail every evaluation, so they stop ``fit`` here instead. Half-precision parameters are refused:
     gradient differences carry a relative error of about ``10 u^(2/3)`` (``u`` the unit roundoff),
-    2-10% in bfloat16 and 0.6-2.5% in float16 as measured against float64, and a sharded module cannot
-    be evaluated in float32 as a whole one is. A module with whole parameters passes unchecked.
+    measured 2.5-7.2% in bfloat16 and 0.6-1.7% in float16 against float64
+    (``benchmarks/half_precision.py``), and a sharded module cannot be evaluated in float32 as a whole
+    one is. A module with whole parameters passes unchecked.
 
     Args:
         module: The LightningModule, with its parameters created and sharded (``on_fit_start``).
@@ -105,7 +106,7 @@ def check_sharded_settings(module: nn.Module, settings: AnalysisSettings) -> Non
         raise MisconfigurationException(
             f"HessianCallback: the sharded (FSDP2) parameters are {half[0]} (Trainer(precision="
             "'bf16-true') or '16-true'). A sharded model's Hessian comes from gradient differences in "
-            "its parameters' dtype, which in half precision are 2-10% (bfloat16) or 0.6-2.5% (float16) "
+            "its parameters' dtype, which in half precision were 2.5-7.2% (bfloat16) or 0.6-1.7% (float16) "
             "off. Keep float32 parameters: Trainer(precision='bf16-mixed') (ModelParallelStrategy "
             "supports it; training still computes in bfloat16) or precision='32-true'."
         )

@@ -3,8 +3,9 @@
 ``HessianCallback(max_overhead=0.1)`` keeps the time spent on curvature at about 10% of the run's wall
 time since training began: an evaluation that would push the share above the budget is postponed to
 the next scheduled point (never made less accurate). The expected cost of an evaluation is the last
-one's, so the share can exceed the budget by at most one evaluation (the first one, whose cost is not
-known yet, always runs).
+one's (a failed evaluation's time, when longer, since it may have stopped early), so the share can
+exceed the budget by at most one evaluation (the first one, whose cost is not known yet, always runs).
+Every second an evaluation takes counts, its logging and a failed evaluation's included.
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ class OverheadBudget:
         """Count one evaluation's wall seconds."""
         self.curvature_seconds += seconds
         self.last_cost = seconds
+
+    def record_failure(self, seconds: float) -> None:
+        """Count the wall seconds of an evaluation that failed before it was recorded.
+
+        They count as curvature time, but a failure may stop early, so the expected cost of the next
+        evaluation stays the last one's unless the failure took longer.
+        """
+        self.curvature_seconds += seconds
+        self.last_cost = max(self.last_cost or 0.0, seconds)
 
     def extend(self, seconds: float) -> None:
         """Add more seconds to the last evaluation (e.g. its logging, measured after it)."""

@@ -30,6 +30,9 @@ from .callback_checks import (
     check_batch_size,
     check_loss_fn,
     check_parameter_selection,
+    check_sharded_settings,
+    check_warm_start,
+    check_warm_start_blocks,
     compute_dtype,
     warn_unreachable_schedule,
 )
@@ -122,12 +125,13 @@ class HessianCallback(Callback):
     and a fixed set of batches, then logs, at the step of Lightning's own metrics of that batch or
     epoch, for every block ``B``: ``hessian/B/trace``, ``trace_stderr``, ``hessian/B/eigenvalue_1``
     ... ``eigenvalue_k``, ``eigenvalue_min``, ``eigenvalues_converged``, ``hessian/loss``,
-    ``hessian/num_matvecs`` and ``hessian/seconds`` to every logger and ``trainer.callback_metrics``,
-    with the training dynamics ``hessian/B/stability``, ``preconditioned_eigenvalue_1``,
-    ``gradient_alignment``, ``gradient_curvature``, ``batch_sharpness`` and ``eigenvector_overlap``
-    (see their arguments); to TensorBoard, W&B, MLflow and CSV loggers also the histogram
-    ``hessian/B/spectrum`` and the figures ``hessian/B/density`` and (``landscape=True``)
-    ``hessian/B/landscape``.
+    ``hessian/num_matvecs``, ``hessian/seconds`` and ``hessian/overhead`` (curvature seconds per
+    training second since ``fit`` started, see ``max_overhead``) to every logger and
+    ``trainer.callback_metrics``, with the training dynamics ``hessian/B/stability``,
+    ``preconditioned_eigenvalue_1``, ``gradient_alignment``, ``gradient_curvature``,
+    ``batch_sharpness`` and ``eigenvector_overlap`` (see their arguments); to TensorBoard, W&B,
+    MLflow and CSV loggers also the histogram ``hessian/B/spectrum`` and the figures
+    ``hessian/B/density`` and (``landscape=True``) ``hessian/B/landscape``.
 
     Evaluations happen in ``on_train_epoch_end`` (after that epoch's validation), so a
     ``ModelCheckpoint``/``EarlyStopping`` that monitors a ``hessian/...`` value needs
@@ -139,8 +143,11 @@ class HessianCallback(Callback):
     ``MisconfigurationException`` naming the fix: ``params=``/``blocks=`` patterns that match no
     parameter, ``data="val"`` without a validation dataloader, manual optimization without
     ``loss_fn``, ``FSDPStrategy``/``DeepSpeedStrategy`` or tensor parallelism (FSDP2 under
-    ``ModelParallelStrategy`` is supported: README, "Sharded models"), a training batch whose size
-    cannot be told. A schedule that cannot fire within ``max_epochs``/``max_steps`` is a warning.
+    ``ModelParallelStrategy`` is supported: README, "Sharded models"), what an FSDP2 model cannot use
+    (half-precision parameters, ``precision="bf16-true"``/``"16-true"``: use ``"bf16-mixed"``;
+    ``method="dense"``; an ``hvp`` other than ``"auto"``/``"finite-difference"``; another ``dtype``),
+    a training batch whose size cannot be told. A schedule that cannot fire within
+    ``max_epochs``/``max_steps`` is a warning.
 
     With the default loss (the module's ``training_step``) the evaluations run ``training_step``
     again, many times. The callback undoes what that does to the module: ``self.log`` is silenced, and
@@ -152,12 +159,23 @@ class HessianCallback(Callback):
     loss.
 
     Monitoring defaults (:data:`MONITORING_DEFAULTS`, each overridable through ``analyze_kwargs``):
-    blocks up to ``dense_limit`` parameters are exact; every larger block is estimated from one block
-    Krylov space (``krylov="shared"``: 4 Rademacher probes, 8 to 32 block steps) that gives the top-k
-    and smallest eigenvalues, converged to a residual of ``tol=1e-3`` of the spectral scale (their
-    convergence is logged as ``eigenvalues_converged``), the density (block quadrature over the 4
-    probes), and the trace (exact on the space plus 16 Hutchinson probes of the deflated remainder; its
-    standard error is logged as ``trace_stderr``). For tighter numbers pass e.g.
+    blocks up to ``dense_limit`` parameters are exact (``trace_stderr`` 0). Every larger block is
+    estimated from one block Krylov space (``krylov="shared"``) grown from ``density_probes=4``
+    Rademacher probes, up to 4 products a block step, for 8 to ``density_steps=32`` steps (from the
+    8th on it stops as soon as the wanted eigenvalues have converged). From that space:
+
+    - the top-k and smallest eigenvalues are Ritz values converged to a residual ``||H y - θ y||`` of
+      at most ``tol=1e-3`` times the spectral scale ``max |θ|``, so each lies within that distance of
+      an eigenvalue (within residual² / gap for an isolated one); ``eigenvalues_converged`` logs the
+      share that converged;
+    - the density is the space's block Gauss quadrature: its Ritz values as nodes (up to 4 a step),
+      weighted by their squared components along the 4 probes, averaged over the probes;
+    - the trace is ``tr(QᵀHQ)`` on the space (no sampling error) plus a Hutchinson estimate of the
+      rest from ``trace_matvecs=16`` Rademacher probes projected off the space (16 more products);
+      ``trace_stderr`` is the standard error of that estimate, the sample standard deviation of its 16
+      samples over √16 (0 when the space spans the block).
+
+    For tighter numbers pass e.g.
     ``analyze_kwargs={"tol": 1e-6, "trace_matvecs": 64, "density_steps": 64}``; for the separate
     estimators of :func:`lightning_hessian.analyze`, ``{"krylov": "separate"}``. README, "What it
     costs", has the measured cost and accuracy of these defaults.
@@ -169,7 +187,7 @@ class HessianCallback(Callback):
         epochs: Explicit 0-based epoch indices to evaluate after.
         every_n_steps: Evaluate every ``n`` optimizer steps (``trainer.global_step``).
         evaluate_at_end: Evaluate once when training ends, unless that model state (global step)
-            was just evaluated.
+            was just evaluated or ``max_overhead`` has no room for it (see there).
         data: ``"train"``: the first ``num_batches`` training batches, copied (on the device) as
             they pass, reused at every evaluation; ``"val"``: the first ``num_batches`` batches of
             the validation dataloader; or an iterable of batches (list or DataLoader), moved to the
@@ -188,9 +206,13 @@ class HessianCallback(Callback):
         mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"``.
         dtype: Compute dtype (``torch.float64`` or ``"float64"``); default the parameters' dtype, except
             for float16/bfloat16 parameters (``precision="bf16-true"``, ``"16-true"``), whose Hessian
-            is computed in float32 (said once at the start of ``fit``).
+            is computed in float32 (said once at the start of ``fit``). A sharded (FSDP2) model is
+            computed in its parameters' dtype: ``dtype`` must be ``None`` or that dtype, and
+            half-precision sharded parameters stop ``fit`` (``precision="bf16-mixed"`` keeps float32
+            parameters).
         seed: Seed of every random probe (the training RNG is never touched).
-        method: ``"auto"``, ``"dense"`` or ``"iterative"`` (passed to ``analyze``).
+        method: ``"auto"``, ``"dense"`` or ``"iterative"`` (passed to ``analyze``; ``"dense"`` stops
+            ``fit`` for a sharded model).
         dense_limit: Blocks up to this size are computed exactly with ``method="auto"``.
         analyze_kwargs: More settings of :func:`lightning_hessian.analyze` (the
             :class:`~lightning_hessian.settings.AnalysisSettings` this callback has no argument for),
@@ -208,11 +230,16 @@ class HessianCallback(Callback):
             default Lightning's own rule (``extract_batch_size``: the first tensor's first
             dimension), with a warning when a batch's tensors disagree. Pass it for time-major
             tensors or batches without a tensor holding the samples.
-        max_overhead: The share of wall time since training began that curvature may take (e.g.
-            ``0.1``): an evaluation that would push it above is postponed to the next scheduled point
-            (never made less accurate), with one info line the first time; the share can exceed the
-            budget by one evaluation. ``None`` (default): every scheduled evaluation runs.
-            ``hessian/overhead`` (curvature seconds per training second) is logged either way.
+        max_overhead: The share of wall time since ``fit`` started that curvature may take (e.g.
+            ``0.1``): an evaluation that would push it above, if it took as long as the last one, is
+            postponed to the next scheduled point that fits (never made less accurate), with one info
+            line the first time; the share can exceed the budget by one evaluation. Every second of
+            an evaluation counts: its logging, and a failed evaluation's. The end-of-training
+            evaluation (``evaluate_at_end``) obeys the budget too: it is the last scheduled point, so
+            when it does not fit it is skipped, with an info line of its own, and the final model is
+            not evaluated (pass a larger budget, or ``None``, to have it). ``None`` (default): every
+            scheduled evaluation runs. ``hessian/overhead`` (curvature seconds per training second,
+            before this evaluation's logging) is logged either way.
         stability: Log ``hessian/B/stability`` (1.0 is the edge of stability: the optimizer, frozen
             at its state, diverges on the local quadratic model above it) and, for adaptive
             optimizers, ``hessian/B/preconditioned_eigenvalue_1`` (:func:`lightning_hessian.stability`).
@@ -237,13 +264,17 @@ class HessianCallback(Callback):
             the top eigenvectors turn little between evaluations; without one (``density=False``) a
             warm start is one chain from the kept vectors and a probe (NOTE [Warm start without
             density] in :mod:`~lightning_hessian.shared_space`). README, "What it costs", has the numbers.
+            It needs vectors to keep and a Krylov space to start: ``top_k=0``, ``krylov="separate"``
+            and ``method="dense"`` are refused at construction, and a run whose blocks are all computed
+            exactly (each at most ``dense_limit`` parameters) stops ``fit`` before training.
 
     Raises:
         TypeError: For an argument of the wrong type (a ``loss_fn`` that cannot be called as
             ``loss_fn(module, batch)`` included), naming it and the fix.
         ValueError: For an argument of the right type but an unsupported value (one batch passed as
-            ``data=(x, y)``, or ``batch_size_fn`` given both directly and in ``analyze_kwargs``
-            included), naming it and the fix.
+            ``data=(x, y)``, ``batch_size_fn`` given both directly and in ``analyze_kwargs``, or
+            ``warm_start=True`` with settings under which no vector would be kept or used included),
+            naming it and the fix.
 
     Example:
         >>> import lightning as L
@@ -328,6 +359,8 @@ class HessianCallback(Callback):
             landscape=landscape,
             **more,
         )
+        if self.warm_start:
+            check_warm_start(self.settings)
         self.stability = check_bool("stability", stability)
         self.eigenvector_overlap = check_bool("eigenvector_overlap", eigenvector_overlap)
         if loss_fn is not None:
@@ -358,8 +391,12 @@ class HessianCallback(Callback):
         self._lightning_batch_size = LightningBatchSize()
         self._resuming = False  # load_state_dict ran since the last fit started: continue its run
         self.budget = OverheadBudget(max_overhead)
-        self._ritz = RitzVectorStore(rank_zero_info)
-        self._eigenvectors = RitzVectorStore(rank_zero_info)  # the previous top-k, for the overlap
+        self._ritz = RitzVectorStore(rank_zero_info, "Ritz vectors (warm_start=True)")
+        self._eigenvectors = RitzVectorStore(  # the previous top-k, for the overlap
+            rank_zero_info,
+            "top eigenvectors (eigenvector_overlap=True)",
+            f"the evaluation after a drop does not log {DEFAULT_PREFIX}/{{block}}/eigenvector_overlap",
+        )
 
     params = _setting("params")
     blocks = _setting("blocks")
@@ -472,10 +509,16 @@ class HessianCallback(Callback):
 
         Raises:
             MisconfigurationException: For ``params=``/``blocks=`` patterns that match no parameter,
-                or ``data="val"`` in a run without a validation dataloader.
+                ``data="val"`` in a run without a validation dataloader, or, for a sharded (FSDP2)
+                model, half-precision parameters, ``method="dense"``, an exact ``hvp`` or another
+                ``dtype`` (:func:`~lightning_hessian.callback_checks.check_sharded_settings`), or
+                ``warm_start=True`` when every block is computed exactly.
         """
         module = trainer.lightning_module or pl_module
         check_parameter_selection(module, self.settings)
+        check_sharded_settings(module, self.settings)
+        if self.warm_start:
+            check_warm_start_blocks(module, self.settings)
         if self.data == "val":
             check_validation_data(trainer)
         warn_unreachable_schedule(self.schedule, trainer.max_epochs, trainer.max_steps)
@@ -572,18 +615,18 @@ class HessianCallback(Callback):
         step = trainer.global_step
         epoch = trainer.current_epoch if self._epoch is None else self._epoch
         module = trainer.lightning_module or pl_module  # never the DDP wrapper
-        if not self._budget_allows(trainer, epoch, step):
+        if not self._budget_allows(trainer, epoch, step, reason):
             return
         self._last_step = step
         entry: dict[str, Any] = {"epoch": epoch, "step": step, "reason": reason}
-        start, recorded = self.budget.clock(), False
+        start, recorded = self.budget.clock(), None
         try:
             batches = self._agreed(trainer, lambda: self._evaluation_batches(trainer, module))
             entry["num_batches"] = len(batches)
             report = self._agreed(trainer, lambda: self._analyze(trainer, module, batches, epoch))
             self._keep_vectors(report)
-            self.budget.record(self.budget.clock() - start)
-            recorded = True
+            recorded = self.budget.clock()
+            self.budget.record(recorded - start)
             # Each rank measures its own clock; the mean over ranks is logged, identical everywhere.
             overhead = (
                 agree_on_failure(
@@ -595,14 +638,12 @@ class HessianCallback(Callback):
                 / trainer.world_size
             )
             extra = {"overhead": overhead}
-            logging_start = self.budget.clock()
             metrics = self._agreed(trainer, lambda: self._log(trainer, report, epoch, step, reason, extra))
-            self.budget.extend(self.budget.clock() - logging_start)
         except _AgreedFailure as failure:
-            if not recorded:
-                self.budget.record(self.budget.clock() - start)
+            self._count_seconds(start, recorded)
             self._skip(entry, failure.error, failure.message)
             return
+        self._count_seconds(start, recorded)
         entry.update(ok=True, wall_seconds=self.budget.clock() - start, **metrics)
         entry["hvp"] = {name: block.hvp for name, block in report.blocks.items()}  # the product method
         self.history.append(entry)
@@ -623,7 +664,15 @@ class HessianCallback(Callback):
             if block.eigenvalues is not None and not self.settings.eigenvectors:
                 block.eigenvalues.vectors = None
 
-    def _budget_allows(self, trainer: pl.Trainer, epoch: int, step: int) -> bool:
+    def _count_seconds(self, start: float, recorded: float | None) -> None:
+        """Count an evaluation's seconds after the analysis (its logging), or all of a failed one's."""
+        now = self.budget.clock()
+        if recorded is None:
+            self.budget.record_failure(now - start)
+        else:
+            self.budget.extend(now - recorded)
+
+    def _budget_allows(self, trainer: pl.Trainer, epoch: int, step: int, reason: str) -> bool:
         """Whether the overhead budget lets this evaluation run (agreed by every rank)."""
         postpone = agree_on_failure(
             None,
@@ -632,15 +681,26 @@ class HessianCallback(Callback):
             values=[float(not self.budget.allows())],
             op="max",
         ).values[0]
-        if postpone:
+        if not postpone:
+            return True
+        budget = f"max_overhead={self.budget.max_share:g} of the wall time"
+        if reason == "end":
+            self._inform_once(
+                "budget-end",
+                f"HessianCallback: the evaluation at the end of training (epoch {epoch}, step {step}) is "
+                f"skipped: it would push curvature above {budget}, and no scheduled point is left to "
+                f"postpone it to (the last evaluation was at step {self._last_step}). Pass a larger "
+                "max_overhead (or None) to evaluate the final model, or call lightning_hessian.analyze "
+                "on it after fit.",
+            )
+        else:
             self._inform_once(
                 "budget",
                 f"HessianCallback: the evaluation at epoch {epoch}, step {step} is postponed to the next "
-                f"scheduled point to keep curvature within max_overhead={self.budget.max_share:g} of the "
-                "wall time (it would have taken about as long as the last one). Later postponements are "
-                "not reported.",
+                f"scheduled point that fits the budget, to keep curvature within {budget} (it would take "
+                "about as long as the last one). Later postponements are not reported.",
             )
-        return not postpone
+        return False
 
     def _agreed(self, trainer: pl.Trainer, phase: Callable[[], Any]) -> Any:
         """Run one phase on every rank and agree on its outcome (one small all-reduce).

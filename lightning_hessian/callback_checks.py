@@ -1,9 +1,10 @@
 """The checks :class:`~lightning_hessian.HessianCallback` runs before training, so that a setup mistake
 stops ``fit`` with its fix instead of becoming one warning per epoch and nothing logged.
 
-Each function checks one thing: at construction (the loss function's signature), at ``on_fit_start``
-once the module's parameters exist (the ``params=``/``blocks=`` patterns, the schedule against the
-trainer's limits, the compute dtype), or at the first captured batch (its size).
+Each function checks one thing: at construction (the loss function's signature, a warm start's
+settings), at ``on_fit_start`` once the module's parameters exist (the ``params=``/``blocks=``
+patterns, a sharded module's dtype and settings, a warm start's iterative blocks, the schedule against
+the trainer's limits, the compute dtype), or at the first captured batch (its size).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch import nn
 from .parameters import resolve_blocks, select_parameters
 from .schedule import Schedule
 from .settings import AnalysisSettings
+from .sharded import SHARDED_HVP
+from .shards import has_sharded_parameters
 
 #: Parameter dtypes whose Hessian the callback computes in float32 unless a ``dtype`` is given.
 HALF_PRECISION = (torch.float16, torch.bfloat16)
@@ -68,6 +71,133 @@ def check_parameter_selection(module: nn.Module, settings: AnalysisSettings) -> 
         resolve_blocks(list(selected), settings.blocks)
     except ValueError as error:
         raise MisconfigurationException(f"HessianCallback: {error}") from error
+
+
+def check_sharded_settings(module: nn.Module, settings: AnalysisSettings) -> None:
+    """Check a sharded module's parameters and the settings against what its Hessian supports.
+
+    A module whose parameters are ``DTensor``s (FSDP2's ``fully_shard`` under ``ModelParallelStrategy``)
+    is analyzed by :class:`~lightning_hessian.sharded.ShardedHessianOperator`: its products are
+    gradient differences (FSDP2 has no double backward) computed by the sharded module itself, in its
+    parameters' dtype, and every block is estimated iteratively. Settings outside these rules would
+    fail every evaluation, so they stop ``fit`` here instead. Half-precision parameters are refused:
+    gradient differences carry a relative error of about ``10 u^(2/3)`` (``u`` the unit roundoff),
+    measured 2.5-7.2% in bfloat16 and 0.6-1.7% in float16 against float64
+    (``benchmarks/half_precision.py``), and a sharded module cannot be evaluated in float32 as a whole
+    one is. A module with whole parameters passes unchecked.
+
+    Args:
+        module: The LightningModule, with its parameters created and sharded (``on_fit_start``).
+        settings: The callback's analysis settings (its ``params=`` already checked).
+
+    Raises:
+        MisconfigurationException: For float16/bfloat16 sharded parameters (naming ``precision=``),
+            ``method="dense"``, an ``hvp`` other than ``"auto"``/``"finite-difference"``, selected
+            parameters of several dtypes, or a ``dtype=`` other than the parameters' own.
+
+    Example:
+        >>> check_sharded_settings(nn.Linear(2, 2), AnalysisSettings(method="dense"))  # whole: passes
+    """
+    if not has_sharded_parameters(module):
+        return
+    dtypes = sorted({p.dtype for p in select_parameters(module, settings.params).values()}, key=str)
+    half = [dtype for dtype in dtypes if dtype in HALF_PRECISION]
+    if half:
+        raise MisconfigurationException(
+            f"HessianCallback: the sharded (FSDP2) parameters are {half[0]} (Trainer(precision="
+            "'bf16-true') or '16-true'). A sharded model's Hessian comes from gradient differences in "
+            "its parameters' dtype, which in half precision were 2.5-7.2% (bfloat16) or 0.6-1.7% (float16) "
+            "off. Keep float32 parameters: Trainer(precision='bf16-mixed') (ModelParallelStrategy "
+            "supports it; training still computes in bfloat16) or precision='32-true'."
+        )
+    if settings.method == "dense":
+        raise MisconfigurationException(
+            "HessianCallback: method='dense' cannot be used with a sharded (FSDP2) model: a dense Hessian "
+            "is an N x N matrix on every rank. Pass method='auto' or method='iterative' (every block of "
+            "a sharded model is estimated iteratively; a small block's estimates are exact to the "
+            "products' accuracy)."
+        )
+    if settings.hvp not in SHARDED_HVP:
+        raise MisconfigurationException(
+            f"HessianCallback: analyze_kwargs={{'hvp': {settings.hvp!r}}} cannot be used with a sharded "
+            "(FSDP2) model: FSDP2 has no double backward, so its products are gradient differences. Use "
+            f"one of {SHARDED_HVP}, or leave 'hvp' out of analyze_kwargs."
+        )
+    if len(dtypes) > 1:
+        raise MisconfigurationException(
+            "HessianCallback: the selected sharded parameters have several dtypes "
+            f"{[str(d) for d in dtypes]}; a sharded model is analyzed in its parameters' one dtype. Select "
+            "parameters of one dtype with params=, or create them all in one dtype."
+        )
+    if settings.dtype is not None and settings.dtype != dtypes[0]:
+        raise MisconfigurationException(
+            f"HessianCallback: dtype={settings.dtype} cannot be used with a sharded (FSDP2) model, whose "
+            f"products run through the sharded module in its parameters' dtype ({dtypes[0]}). Pass "
+            "dtype=None (or that dtype), or create the parameters in the dtype to differentiate in."
+        )
+
+
+def check_warm_start(settings: AnalysisSettings) -> None:
+    """Refuse ``warm_start=True`` where no Ritz vector would be kept or used (at construction).
+
+    Args:
+        settings: The callback's analysis settings, built with ``keep_vectors=top_k``.
+
+    Raises:
+        ValueError: For ``top_k=0`` or ``keep_vectors=0`` (nothing kept), ``krylov="separate"`` or
+            ``method="dense"`` (no shared Krylov space to start), naming the argument and the fix.
+    """
+    if settings.top_k == 0:
+        raise ValueError(
+            "`warm_start=True` starts each evaluation from the previous top-k Ritz vectors, but top_k=0 "
+            "keeps none. Pass top_k >= 1 (e.g. top_k=3), or warm_start=False."
+        )
+    if settings.keep_vectors == 0:
+        raise ValueError(
+            "`warm_start=True` needs kept Ritz vectors, but analyze_kwargs={'keep_vectors': 0} keeps none. "
+            "Leave 'keep_vectors' out of analyze_kwargs (warm_start keeps top_k of them), or pass "
+            "warm_start=False."
+        )
+    if settings.krylov != "shared":
+        raise ValueError(
+            f"`warm_start=True` starts the shared Krylov space, but analyze_kwargs={{'krylov': "
+            f"{settings.krylov!r}}} uses separate estimators, which ignore the kept vectors. Leave 'krylov' "
+            "out of analyze_kwargs (the monitoring default is 'shared'), or pass warm_start=False."
+        )
+    if settings.method == "dense":
+        raise ValueError(
+            "`warm_start=True` starts the Krylov space of iterative blocks, but method='dense' computes "
+            "every block exactly, without one. Pass method='auto' or 'iterative', or warm_start=False."
+        )
+
+
+def check_warm_start_blocks(module: nn.Module, settings: AnalysisSettings) -> None:
+    """Check that ``warm_start=True`` has an iterative block to start (construction checked the rest).
+
+    Under ``method="auto"`` blocks of at most ``dense_limit`` parameters are computed exactly, without
+    a Krylov space; when every block is, the kept vectors would never be used. A sharded model's blocks
+    are all iterative.
+
+    Args:
+        module: The LightningModule, with its parameters created (``on_fit_start``).
+        settings: The callback's analysis settings (its ``params=``/``blocks=`` already checked).
+
+    Raises:
+        MisconfigurationException: If every block is computed exactly, naming the sizes and the fix.
+    """
+    if settings.method != "auto" or has_sharded_parameters(module):
+        return
+    selected = select_parameters(module, settings.params)
+    groups = resolve_blocks(list(selected), settings.blocks)
+    sizes = {name: sum(selected[p].numel() for p in names) for name, names in groups.items()}
+    if all(size <= settings.dense_limit for size in sizes.values()):
+        largest = max(sizes.values())
+        raise MisconfigurationException(
+            f"HessianCallback(warm_start=True) would do nothing: every block has at most dense_limit="
+            f"{settings.dense_limit} parameters (the largest {largest}), so each is computed exactly, "
+            f"without a Krylov space to start. Pass dense_limit < {largest} or method='iterative' to "
+            "estimate blocks iteratively, or warm_start=False."
+        )
 
 
 def warn_unreachable_schedule(schedule: Schedule, max_epochs: int | None, max_steps: int) -> None:

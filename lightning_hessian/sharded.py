@@ -139,7 +139,8 @@ class ShardedHessianOperator:
             "hvp",
             hvp,
             SHARDED_HVP,
-            "A sharded module's products are gradient differences (FSDP2 has no double backward).",
+            "A sharded module's products are gradient differences (FSDP2 has no double backward): "
+            f"use one of {SHARDED_HVP}.",
         )
         if data is None:
             raise ValueError("`data` is required: an iterable of this rank's batches.")

@@ -1,7 +1,9 @@
-"""Ritz vectors kept between evaluations, to start the next evaluation's Krylov space from them.
+"""Vectors kept between evaluations: the top Ritz vectors a warm start begins the next Krylov space
+from, and the top eigenvectors the next eigenvector overlap is measured against.
 
-Each block's top Ritz vectors are kept where memory allows: on the device, else on the CPU, else they
-are dropped with one info message (the next evaluation then starts cold, with the same accuracy).
+Each block's vectors are kept where memory allows: on the device, else on the CPU, else they are
+dropped with one info message, whose consequence each store states (a warm start's next evaluation
+starts cold, with the same accuracy; the next eigenvector overlap of that block is not logged).
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ from .memory import available_memory
 KEEP_SHARE = 0.1
 
 
+#: What a dropped warm start costs (:class:`RitzVectorStore`'s default ``consequence``).
+COLD_START = "the evaluation after a drop starts cold (same accuracy, more products)"
+
+
 class RitzVectorStore:
-    """The previous evaluation's Ritz vectors by block name.
+    """The previous evaluation's vectors by block name (Ritz vectors, or top eigenvectors).
 
     Args:
         inform: Called once with a message when vectors had to be dropped for memory.
+        what: What the vectors are, for the message (e.g. ``"Ritz vectors"``).
+        consequence: What a drop costs, for the message; ``{block}`` stands for the block's name.
 
     Example:
         >>> store = RitzVectorStore(print)
@@ -30,9 +38,13 @@ class RitzVectorStore:
         torch.Size([4, 2])
     """
 
-    def __init__(self, inform: Callable[[str], None]) -> None:
+    def __init__(
+        self, inform: Callable[[str], None], what: str = "Ritz vectors", consequence: str = COLD_START
+    ) -> None:
         self.vectors: dict[str, Tensor] = {}
         self._inform = inform
+        self._what = what
+        self._consequence = consequence
         self._informed = False
 
     def clear(self) -> None:
@@ -50,9 +62,10 @@ class RitzVectorStore:
                 if not self._informed:
                     self._informed = True
                     self._inform(
-                        f"HessianCallback: no memory to keep the Ritz vectors of block {name!r} "
-                        f"({block.numel() * block.element_size() / 2**20:.0f} MiB) between evaluations; "
-                        "the next evaluations start cold (same accuracy, more products)."
+                        f"HessianCallback: no memory to keep the {self._what} of block {name!r} "
+                        f"({block.numel() * block.element_size() / 2**20:.0f} MiB) between evaluations "
+                        f"on the device or the CPU; {self._consequence.format(block=name)}. Later drops "
+                        "are not reported."
                     )
                 continue
             self.vectors[name] = placed

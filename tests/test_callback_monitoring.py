@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_hessian as lh
 import lightning_hessian.callback as callback_module
@@ -87,6 +88,36 @@ def test_a_generous_budget_changes_nothing(tmp_path):
 def test_bad_monitoring_arguments_are_refused(bad):
     with pytest.raises((TypeError, ValueError)):
         lh.HessianCallback(**bad)
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"top_k": 0}, r"`warm_start=True`.*top_k=0 keeps none\. Pass top_k >= 1"),
+        (
+            {"analyze_kwargs": {"keep_vectors": 0}},
+            r"'keep_vectors': 0\} keeps none\. Leave 'keep_vectors' out",
+        ),
+        ({"analyze_kwargs": {"krylov": "separate"}}, r"'krylov': 'separate'\} .*ignore the kept vectors"),
+        ({"method": "dense"}, r"method='dense' computes every block exactly.*or warm_start=False"),
+    ],
+)
+def test_a_warm_start_that_would_do_nothing_is_refused_at_construction(settings, match):
+    with pytest.raises(ValueError, match=match):
+        lh.HessianCallback(warm_start=True, **settings)
+    lh.HessianCallback(warm_start=False, **settings)  # the same settings without a warm start are fine
+
+
+def test_a_warm_start_whose_blocks_are_all_dense_stops_fit_before_training(tmp_path):
+    module = TinyModule()  # 63 parameters, within the default dense_limit=1024
+    fit = trainer(tmp_path, [lh.HessianCallback(warm_start=True)], max_epochs=1, logger=False)
+    with pytest.raises(MisconfigurationException, match=r"dense_limit=1024 parameters \(the largest 63\)"):
+        fit.fit(module, loader(n=16))
+    assert fit.global_step == 0 and module.seen == []
+    hessian = lh.HessianCallback(warm_start=True, blocks="module", dense_limit=21, num_batches=1)
+    trainer(tmp_path, [hessian], max_epochs=1, logger=False).fit(TinyModule(), loader(n=16))
+    methods = {name: block.method for name, block in hessian.last_report.blocks.items()}
+    assert methods == {"net.0": "iterative", "net.1": "dense", "net.4": "dense"}  # one block to start
 
 
 def test_the_budget_is_restarted_by_each_fit(tmp_path):

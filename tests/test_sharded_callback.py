@@ -4,7 +4,8 @@ Lightning's ModelParallelStrategy.
 Each test launches one script in a subprocess (``tests/sharded_functional.py`` spawns its ranks;
 ``tests/sharded_scenarios.py`` is relaunched by Lightning for rank 1) and checks what every rank wrote
 against the unsharded model on the union of both ranks' batches. Products are gradient differences
-(float64: about 1e-10 relative), so values agree to ``RTOL``.
+(float64: about 1e-10 relative), so values agree to ``RTOL``. The setup checks (what a sharded model
+cannot use stops ``fit`` before training) run one-rank fits in this process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_hessian as lh
 from lightning_hessian.analysis import analyze_with
@@ -286,3 +288,161 @@ def test_model_parallel_callback_defaults_equal_the_unsharded_shared_space_on_th
         _assert_same_density(
             result["densities"]["model"], (block.density.nodes, block.density.weights), eigen_tol
         )
+
+
+# ---------------------------------------------------------------- one-rank setup checks (in this process)
+class OneRankSharded:
+    """A float32 classifier that ``configure_model`` shards with FSDP2, and its 4 batches of 8."""
+
+    @staticmethod
+    def module() -> Any:
+        import lightning.pytorch as pl
+        import torch.nn.functional as F
+        from torch import nn
+
+        class Classifier(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                torch.manual_seed(0)
+                self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+                self.steps = 0
+
+            def configure_model(self) -> None:
+                from torch.distributed.fsdp import fully_shard
+
+                mesh = self.device_mesh["data_parallel"]
+                for layer in self.net:
+                    if isinstance(layer, nn.Linear):
+                        fully_shard(layer, mesh=mesh)
+                fully_shard(self.net, mesh=mesh)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.net(x)
+
+            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                self.steps += 1
+                return F.cross_entropy(self(batch[0]), batch[1])
+
+            def configure_optimizers(self) -> torch.optim.Optimizer:
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return Classifier()
+
+    @staticmethod
+    def loader() -> Any:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(32, 4, generator=g)
+        return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+
+
+@pytest.fixture
+def one_rank_model_parallel():
+    """Run a one-rank ModelParallelStrategy fit in this process; undo what it leaves behind (the gloo
+    process group, the environment variables Lightning sets, torch's thread count)."""
+    import lightning.pytorch as pl
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    environ, threads = dict(os.environ), torch.get_num_threads()
+
+    def fit(hessian: lh.HessianCallback, precision: str = "32-true", module: Any = None) -> tuple[Any, Any]:
+        trainer = pl.Trainer(
+            strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[hessian],
+        )
+        module = module or OneRankSharded.module()
+        trainer.fit(module, OneRankSharded.loader())
+        return trainer, module
+
+    try:
+        yield fit
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_half_precision_sharded_parameters_stop_fit_before_training(one_rank_model_parallel, precision):
+    hessian, module = lh.HessianCallback(num_batches=1), OneRankSharded.module()
+    with pytest.raises(MisconfigurationException, match=r"sharded \(FSDP2\) parameters are torch\.") as info:
+        one_rank_model_parallel(hessian, precision=precision, module=module)
+    assert "precision='bf16-mixed'" in str(info.value)  # the fix, named
+    assert module.steps == 0 and hessian.history == []  # not one training step
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        (
+            {"method": "dense"},
+            r"method='dense' cannot be used with a sharded.*method='auto' or method='iterative'",
+        ),
+        (
+            {"analyze_kwargs": {"hvp": "reverse-over-reverse"}},
+            r"'hvp': 'reverse-over-reverse'.*one of \('auto', 'finite-difference'\)",
+        ),
+        (
+            {"analyze_kwargs": {"hvp": "finite-difference-richardson"}},
+            r"'hvp': 'finite-difference-richardson'.*one of \('auto', 'finite-difference'\)",
+        ),
+        ({"dtype": torch.float64}, r"dtype=torch\.float64 cannot be used with a sharded.*\(torch\.float32\)"),
+    ],
+)
+def test_settings_a_sharded_model_cannot_use_stop_fit_before_training(
+    one_rank_model_parallel, settings, match
+):
+    hessian, module = lh.HessianCallback(num_batches=1, **settings), OneRankSharded.module()
+    with pytest.raises(MisconfigurationException, match=match):
+        one_rank_model_parallel(hessian, module=module)
+    assert module.steps == 0 and hessian.history == []
+
+
+def test_bf16_mixed_keeps_float32_sharded_parameters_and_evaluates(one_rank_model_parallel):
+    hessian = lh.HessianCallback(
+        num_batches=1,
+        method="iterative",
+        top_k=1,
+        min_eigenvalue=False,
+        trace=False,
+        density=False,
+        gradient_geometry=False,
+        stability=False,
+        eigenvector_overlap=False,
+        analyze_kwargs={"hvp": "finite-difference"},  # the sharded rule, given explicitly
+    )
+    trainer, module = one_rank_model_parallel(hessian, precision="bf16-mixed")
+    assert trainer.global_step == 4 and all(p.dtype == torch.float32 for p in module.parameters())
+    assert [entry["ok"] for entry in hessian.history] == [True], hessian.history
+    assert math.isfinite(hessian.history[0]["hessian/model/eigenvalue_1"])
+
+
+def test_the_sharded_operator_names_the_hvp_values_it_takes() -> None:
+    with pytest.raises(ValueError, match=r"hvp='exact'.*use one of \('auto', 'finite-difference'\)"):
+        lh.ShardedHessianOperator(torch.nn.Linear(2, 2), None, [], hvp="exact")
+
+
+def test_the_sharded_check_refuses_selected_parameters_of_several_dtypes(monkeypatch) -> None:
+    from torch import nn
+
+    from lightning_hessian import callback_checks
+    from lightning_hessian.settings import AnalysisSettings
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
+    callback_checks.check_sharded_settings(model, AnalysisSettings(method="dense"))  # whole: unchecked
+    monkeypatch.setattr(callback_checks, "has_sharded_parameters", lambda module: True)
+    with pytest.raises(MisconfigurationException, match=r"several dtypes.*params="):
+        callback_checks.check_sharded_settings(model, AnalysisSettings())
+    callback_checks.check_sharded_settings(model, AnalysisSettings(params="1.*"))  # one dtype selected

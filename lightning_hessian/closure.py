@@ -133,6 +133,8 @@ def _scalar(loss: Any) -> Tensor:
     Raises:
         ValueError: If it is not a one-element tensor.
     """
+    if isinstance(loss, Tensor) and loss.ndim == 0:
+        return loss
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(

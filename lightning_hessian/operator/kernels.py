@@ -447,7 +447,7 @@ class ProductKernels:
 
     def _norms(self, row: Tensor, support: tuple[str, ...]) -> list[float]:
         """``||d_k||`` of ``row``'s part on each support tensor ``k`` (one reduction, one sync)."""
-        parts = torch.split(row, self.space.subspace(support).sizes)
+        parts = row.split_with_sizes(self.space.subspace(support).sizes)
         return torch.stack(torch._foreach_norm(parts)).tolist()
 
     def _support_lengths(self, support: tuple[str, ...]) -> list[float]:

@@ -75,7 +75,8 @@ class ProductKernels:
         )
         #: The activation patterns at θ that gradient differences replay (NOTE [Frozen kinks]).
         self.kinks = KinkCache(closure, self.params)
-        self._perturbed: tuple[PerturbedPoint, PerturbedPoint] | None = None
+        self._perturbed: PerturbedPoint | None = None
+        self._gradients: tuple[Tensor, Tensor] | None = None
 
     def products(
         self,
@@ -305,7 +306,7 @@ class ProductKernels:
         target_space = self.space.subspace(targets)
         cached = [self.graphs.kept(i) for i in range(len(self.closure.batches))]
         totals = [torch.zeros(target_space.numel, dtype=self.dtype, device=self.device) for _ in multiples]
-        point = self._points()[0]
+        gradient = self._gradient_buffers(target_space.numel)[0]
         with self.closure.context(second_order=False):
             fixed = self.closure.buffers()
             for i, graph in enumerate(cached):
@@ -316,10 +317,9 @@ class ProductKernels:
                         pieces = [
                             torch.zeros_like(self.params[n]) if kept[n] is None else kept[n] for n in targets
                         ]
-                        gradient = torch.cat([g.detach().reshape(-1) for g in pieces])
+                        torch.cat([g.detach().reshape(-1) for g in pieces], out=gradient)
                     else:
-                        self._gradient_at(i, point, row, multiple * step, support, targets, fixed)
-                        gradient = point.target_gradient(targets)
+                        self._gradient_at(i, row, multiple * step, support, targets, fixed, gradient)
                     total.add_(gradient, alpha=weight)
         return totals
 
@@ -388,62 +388,71 @@ class ProductKernels:
         """``(g(θ + step d) - g(θ - step d)) / (2 step)`` of batch ``index`` ``[N_targets]``, ``d`` being
         ``row`` on the support; into ``out`` when given.
         """
-        plus, minus = self._points()
-        self._gradient_at(index, plus, row, step, support, targets, fixed)
-        self._gradient_at(index, minus, row, -step, support, targets, fixed)
-        difference = torch.sub(plus.target_gradient(targets), minus.target_gradient(targets), out=out)
-        return difference.div_(2 * step)
+        plus, minus = self._gradient_buffers(self.space.subspace(targets).numel)
+        self._gradient_at(index, row, step, support, targets, fixed, plus)
+        self._gradient_at(index, row, -step, support, targets, fixed, minus)
+        return torch.sub(plus, minus, out=out).div_(2 * step)
 
     def _gradient_at(
         self,
         index: int,
-        point: PerturbedPoint,
         row: Tensor,
         step: float,
         support: tuple[str, ...],
         targets: tuple[str, ...],
         fixed: Mapping[str, Tensor],
+        out: Tensor,
     ) -> None:
-        """Batch ``index``'s gradient w.r.t. the targets at ``θ + step d``, into ``point.gradient`` (call
-        inside the context).
+        """Batch ``index``'s gradient w.r.t. the targets at ``θ + step d`` into ``out`` ``[N_targets]``
+        (call inside the context).
 
-        ``point`` holds the operator's own tensors; the saved ``θ`` and the module are never written
-        (NOTE [Gradient differences leave the module alone]). Only the targets require grad, so
-        autograd stops at the first layer that holds one. The forward replays the activation
+        The point ``θ + step d`` is the operator's own tensor; the saved ``θ`` and the module are
+        never written (NOTE [Gradient differences leave the module alone]). Only the targets require
+        grad, so autograd stops at the first layer that holds one. The forward replays the activation
         patterns at ``θ`` (NOTE [Frozen kinks]).
 
         Raises:
             KinkMismatch: If the forward did not follow the recorded patterns (freezing is off now).
         """
+        point = self._point()
         point.move(row, step, support)
         leaves = point.leaves(targets)
-        self.kinks.run(index, fixed, partial(self._accumulate_gradient, index, point.tensors, leaves, fixed))
+        self.kinks.run(index, fixed, partial(self._gradient_into, index, point.tensors, leaves, fixed, out))
 
-    def _accumulate_gradient(
+    def _gradient_into(
         self,
         index: int,
         values: Mapping[str, Tensor],
         leaves: tuple[Tensor, ...],
         fixed: Mapping[str, Tensor],
+        out: Tensor,
         replay: FrozenKinks | None,
     ) -> None:
-        """Batch ``index``'s loss with ``values`` swapped in, backward into the leaves' ``.grad`` (left
-        as they are where the loss does not depend on them); ``replay`` is closed after the forward.
+        """Batch ``index``'s gradient w.r.t. ``leaves`` with ``values`` swapped in, flat into ``out``
+        (zeros where the loss does not depend on them); ``replay`` is closed after the forward.
         """
         with self.closure.evaluated(values, index, fixed) as loss:
             if replay is not None:
                 replay.close()
-            if loss.requires_grad:
-                torch.autograd.backward(loss, inputs=leaves)
+            if not loss.requires_grad:
+                out.zero_()
+                return
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+        torch.cat([g.reshape(-1) for g in grads], out=out)
 
-    def _points(self) -> tuple[PerturbedPoint, PerturbedPoint]:
-        """The two points of central differences (made on first use, NOTE [Cost of gradient
-        differences]): two more copies of ``θ`` and two flat gradients.
-        """
+    def _point(self) -> PerturbedPoint:
+        """The point of gradient differences, made on first use (NOTE [Cost of gradient differences])."""
         if self._perturbed is None:
-            theta = self.space.flatten(self.params)
-            self._perturbed = (PerturbedPoint(self.space, theta), PerturbedPoint(self.space, theta))
+            self._perturbed = PerturbedPoint(self.space, self.space.flatten(self.params))
         return self._perturbed
+
+    def _gradient_buffers(self, numel: int) -> tuple[Tensor, Tensor]:
+        """Two flat tensors ``[numel]`` for the gradients of a difference (kept: made once)."""
+        if self._gradients is None:
+            empty = partial(torch.empty, self.space.numel, dtype=self.dtype, device=self.device)
+            self._gradients = (empty(), empty())
+        plus, minus = self._gradients
+        return (plus, minus) if numel == self.space.numel else (plus[:numel], minus[:numel])
 
     def _norms(self, row: Tensor, support: tuple[str, ...]) -> list[float]:
         """``||d_k||`` of ``row``'s part on each support tensor ``k`` (one reduction, one sync)."""

@@ -8,11 +8,13 @@ layer's (a few microseconds each on a CPU, mostly dispatch), so making each poin
 gradients anew, one per parameter tensor, cost more than half a gradient per product (a tanh MLP of
 six tensors: 3.4 gradients per product instead of 2). A :class:`PerturbedPoint` holds one point's
 values in one flat tensor, made once per operator: its views, by name, are what the module's slots get
-(:class:`~lightning_hessian.state.TensorSlots`), the targets' views are the leaves that require grad,
-and each view's ``.grad`` is a view of one flat gradient tensor, so a backward accumulates the gradient
-straight into it. A gradient then costs a write of ``θ + h d``, a zeroing and its forward and backward,
-and the difference two flat operations, whatever the number of parameter tensors; the values written
-are those of the per-tensor form, element by element (``θ + h d``, then ``(g₊ - g₋) / (2h)``).
+(:class:`~lightning_hessian.state.TensorSlots`) and the targets' views are the leaves that require
+grad; both gradients of a difference are taken at the same point, rewritten in between, and each is
+concatenated into a flat tensor of the operator's. A gradient then costs a write of ``θ + h d``, its
+forward and backward and one concatenation, and the difference two flat operations, whatever the number
+of parameter tensors; the values are those of the per-tensor form, element by element (``θ + h d``,
+then ``(g₊ - g₋) / (2h)``). The same tensors in the slots for every gradient also spare modules that
+cache their parameters (``nn.LSTM``'s flat weights) a refresh per gradient.
 
 The flat tensors are the operator's own (never the module's), taken at ``θ`` only through the values
 written into them, and rewritten before every gradient: nothing is kept from one product to the next.
@@ -50,8 +52,8 @@ def contiguous_runs(space: ParameterSpace, names: Sequence[str]) -> tuple[slice,
 
 
 class PerturbedPoint:
-    """One reusable point near ``θ``: flat values, their named views, and a flat gradient (NOTE [Cost
-    of gradient differences]).
+    """One reusable point near ``θ``: flat values and their named views (NOTE [Cost of gradient
+    differences]).
 
     Args:
         space: The parameters' space (names, shapes, flat order).
@@ -61,29 +63,18 @@ class PerturbedPoint:
         >>> point = PerturbedPoint(space, theta)
         >>> point.move(direction, 1e-3, space.names)
         >>> leaves = point.leaves(space.names)  # point.tensors go in the module's slots
-        >>> # a backward w.r.t. leaves accumulates into point.gradient  # doctest: +SKIP
     """
 
     def __init__(self, space: ParameterSpace, theta: Tensor) -> None:
         self.space = space
         self.theta = theta
         self.values = torch.empty_like(theta)
-        self.gradient = torch.zeros_like(theta)
         #: The values' views by name: what the module's slots get.
         self.tensors = space.unflatten(self.values)
-        for name, grad in space.unflatten(self.gradient).items():
-            self.tensors[name].grad = grad
         self._targets: tuple[str, ...] | None = None
         self._leaves: tuple[Tensor, ...] = ()
         self._runs: dict[tuple[str, ...], tuple[slice, ...]] = {}
         self._everything = (slice(0, space.numel),)
-
-    def runs(self, names: tuple[str, ...]) -> tuple[slice, ...]:
-        """:func:`contiguous_runs` of ``names`` (computed once per set of names)."""
-        runs = self._runs.get(names)
-        if runs is None:
-            runs = self._runs[names] = contiguous_runs(self.space, names)
-        return runs
 
     def move(self, direction: Tensor, step: float, support: tuple[str, ...]) -> None:
         """Set the values to ``θ + step d``, ``d`` being ``direction`` on ``support`` and zero elsewhere.
@@ -91,9 +82,11 @@ class PerturbedPoint:
         Args:
             direction: ``[N_support]``, in the flat order of the support's tensors.
             step: The multiple of ``direction``.
-            support: The parameter names the direction lives on.
+            support: The parameter names the direction lives on, in flat order.
         """
-        runs = self.runs(support)
+        runs = self._runs.get(support)
+        if runs is None:
+            runs = self._runs[support] = contiguous_runs(self.space, support)
         if runs == self._everything:
             torch.add(self.theta, direction, alpha=step, out=self.values)
             return
@@ -105,21 +98,11 @@ class PerturbedPoint:
             start = stop
 
     def leaves(self, targets: tuple[str, ...]) -> tuple[Tensor, ...]:
-        """The targets' tensors, which are then the only ones that require grad, with zero gradients."""
+        """The targets' tensors, which are then the only ones that require grad."""
         if targets != self._targets:
             wanted = set(targets)
             for name, tensor in self.tensors.items():
                 tensor.requires_grad_(name in wanted)
             self._targets = targets
             self._leaves = tuple(self.tensors[name] for name in targets)
-        self.gradient.zero_()
         return self._leaves
-
-    def target_gradient(self, targets: tuple[str, ...]) -> Tensor:
-        """The gradient's entries of ``targets`` ``[N_targets]``: a view where they are adjacent."""
-        runs = self.runs(targets)
-        if runs == self._everything:
-            return self.gradient
-        if len(runs) == 1:
-            return self.gradient[runs[0]]
-        return torch.cat([self.gradient[run] for run in runs])

@@ -237,9 +237,9 @@ class LossClosure:
         """Tensors held fixed while differentiating: buffers and, when computing in another dtype,
         every parameter (selected ones are overridden by the differentiated values), cast to it.
         """
-        fixed = dict(self.model.named_buffers())
+        fixed = self._slots.current("_buffers")
         if self.dtype is not None:
-            fixed.update((n, p.detach()) for n, p in self.model.named_parameters())
+            fixed.update((n, p.detach()) for n, p in self._slots.current("_parameters").items())
             fixed = {n: t.to(self.dtype) if t.is_floating_point() else t for n, t in fixed.items()}
         return fixed
 
@@ -322,24 +322,37 @@ class LossClosure:
             >>> with closure.context(), closure.evaluated(leaves, 0) as loss:
             ...     grads = torch.autograd.grad(loss, list(leaves.values()))
         """
+        with self.swapped(params, buffers):
+            yield self.module_loss(index)
+
+    def swapped(
+        self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """``params`` and ``buffers`` (default :meth:`buffers`) in the module's slots until exit.
+
+        For many losses at the same tensors (whose values may change in between): each is
+        :meth:`module_loss` inside it, and differentiated there (see :meth:`evaluated`).
+
+        Example:
+            >>> with closure.context(), closure.swapped(leaves):
+            ...     losses = [closure.module_loss(i) for i in range(len(closure.batches))]
+        """
         fixed = self.buffers() if buffers is None else buffers
-        if self.mode == "train":
-            # One fixed random stream per batch, so dropout draws the same mask for every product.
-            torch.manual_seed(_TRAIN_MODE_SEED + self.batch_offset + index)
-        with self._slots.swapped({**fixed, **params}):
-            yield _scalar(self._wrapper(self.batches[index], self.batch_offset + index))
+        return self._slots.swapped({**fixed, **params})
 
     def module_loss(self, index: int) -> Tensor:
-        """Loss of batch ``index`` at the module's own parameters, through its own forward (call
-        inside :meth:`context`).
+        """Loss of batch ``index`` with the tensors in the module's slots, through its own forward
+        (call inside :meth:`context`).
 
-        For modules that manage their parameters themselves, such as FSDP2's sharded modules, which
-        all-gather them in forward: nothing is swapped in (see :meth:`batch_loss` for that).
+        Those are the module's own parameters, or what :meth:`swapped` put there. For modules that
+        manage their parameters themselves, such as FSDP2's sharded modules, which all-gather them in
+        forward, nothing is swapped in (see :meth:`batch_loss` for that).
 
         Raises:
             ValueError: If the loss is not a scalar.
         """
         if self.mode == "train":
+            # One fixed random stream per batch, so dropout draws the same mask for every product.
             torch.manual_seed(_TRAIN_MODE_SEED + self.batch_offset + index)
         loss = self._wrapper(self.batches[index], self.batch_offset + index)
         return _scalar(loss)

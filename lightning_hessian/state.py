@@ -106,6 +106,8 @@ class TensorSlots:
 
     def __init__(self, module: nn.Module) -> None:
         self._slots: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        #: The names ``named_parameters()`` and ``named_buffers()`` give (one per tensor), in order.
+        self.names: dict[str, list[str]] = {"_parameters": [], "_buffers": []}
         first_name: dict[int, str] = {}
         named = (
             ("_parameters", module.named_parameters(remove_duplicate=False)),
@@ -116,9 +118,22 @@ class TensorSlots:
                 owner_name, _, key = name.rpartition(".")
                 owner = module.get_submodule(owner_name)
                 canonical = first_name.setdefault(id(tensor), name)
+                if canonical == name:
+                    self.names[kind].append(name)
                 slots = self._slots.setdefault(canonical, [])
                 slots.append((getattr(owner, kind), key))
                 self._slots[name] = slots  # an alias shares its tensor's slot list
+
+    def current(self, kind: str) -> dict[str, Tensor]:
+        """The tensors in the module's parameter (``"_parameters"``) or buffer (``"_buffers"``) slots
+        now, by name: ``dict(module.named_parameters())`` or ``dict(module.named_buffers())`` without
+        walking the module.
+        """
+        current = {}
+        for name in self.names[kind]:
+            members, key = self._slots[name][0]
+            current[name] = members[key]
+        return current
 
     @contextlib.contextmanager
     def swapped(self, tensors: dict[str, Tensor]) -> Iterator[None]:

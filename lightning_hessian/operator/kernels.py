@@ -35,9 +35,9 @@ from .differences import (
     difference_step,
     parameter_lengths,
 )
-from .graphs import GraphCache
+from .graphs import FirstOrderGraph, GraphCache
 from .kinks import FrozenKinks, KinkCache, KinkMismatch
-from .points import PerturbedPoint
+from .points import PerturbedPoint, Targets
 
 REVERSE = "reverse-over-reverse"
 FORWARD = "forward-over-reverse"
@@ -76,7 +76,6 @@ class ProductKernels:
         #: The activation patterns at θ that gradient differences replay (NOTE [Frozen kinks]).
         self.kinks = KinkCache(closure, self.params)
         self._perturbed: PerturbedPoint | None = None
-        self._gradients: tuple[Tensor, Tensor] | None = None
 
     def products(
         self,
@@ -303,25 +302,28 @@ class ProductKernels:
         targets: tuple[str, ...],
         multiples: tuple[float, ...],
     ) -> list[Tensor]:
-        target_space = self.space.subspace(targets)
         cached = [self.graphs.kept(i) for i in range(len(self.closure.batches))]
-        totals = [torch.zeros(target_space.numel, dtype=self.dtype, device=self.device) for _ in multiples]
-        gradient = self._gradient_buffers(target_space.numel)[0]
+        point = self._point()
+        selected = point.targets(targets)
+        gradient = selected.gradients[0]
+        totals = [torch.zeros_like(gradient) for _ in multiples]
         with self.closure.context(second_order=False):
             fixed = self.closure.buffers()
-            for i, graph in enumerate(cached):
-                weight = self.closure.weight(i, self.num_samples)
-                for total, multiple in zip(totals, multiples, strict=True):
-                    if multiple == 0 and graph is not None:
-                        kept = dict(zip(self.space.names, graph.grads, strict=True))
-                        pieces = [
-                            torch.zeros_like(self.params[n]) if kept[n] is None else kept[n] for n in targets
-                        ]
-                        torch.cat([g.detach().reshape(-1) for g in pieces], out=gradient)
-                    else:
-                        self._gradient_at(i, row, multiple * step, support, targets, fixed, gradient)
-                    total.add_(gradient, alpha=weight)
+            with self.closure.swapped(point.tensors, fixed):
+                for i, graph in enumerate(cached):
+                    weight = self.closure.weight(i, self.num_samples)
+                    for total, multiple in zip(totals, multiples, strict=True):
+                        if multiple == 0 and graph is not None:
+                            selected.store(0, self._kept_gradient(graph, targets))
+                        else:
+                            self._gradient_at(i, row, multiple * step, support, selected, 0, fixed)
+                        total.add_(gradient, alpha=weight)
         return totals
+
+    def _kept_gradient(self, graph: FirstOrderGraph, targets: tuple[str, ...]) -> list[Tensor]:
+        """The targets' gradient at ``θ`` from a batch's cached first-order graph (zeros where unused)."""
+        kept = dict(zip(self.space.names, graph.grads, strict=True))
+        return [torch.zeros_like(self.params[n]) if kept[n] is None else kept[n].detach() for n in targets]
 
     def _differences(
         self,
@@ -334,26 +336,32 @@ class ProductKernels:
     ) -> None:
         """Each row's weighted sum over batches of its gradient differences, into its row of ``out``
         (NOTE [Step of gradient differences]); a zero row gives zeros.
+
+        The point's tensors stay in the module's slots for all of them (NOTE [Cost of gradient
+        differences]).
         """
         batches = range(len(self.closure.batches))
+        point = self._point()
+        selected = point.targets(targets)
         with self.closure.context(second_order=False):
             fixed = self.closure.buffers()
-            for row, destination in zip(rows, out, strict=True):
-                norms = self._norms(row, support)
-                if not any(norms):
-                    destination.zero_()
-                    continue
-                lengths = self._support_lengths(support)
-                step = difference_step(self.dtype, lengths, norms, method) * step_factor
-                for i in batches:
-                    weight = self.closure.weight(i, self.num_samples)
-                    difference = partial(self._difference, i, row, step, method, support, targets, fixed)
-                    if i > 0:
-                        destination.add_(difference(), alpha=weight)
-                    elif weight == 1.0:
-                        difference(out=destination)
-                    else:
-                        torch.mul(difference(), weight, out=destination)
+            with self.closure.swapped(point.tensors, fixed):
+                for row, destination in zip(rows.unbind(), out.unbind(), strict=True):
+                    norms = self._norms(row, support)
+                    if not any(norms):
+                        destination.zero_()
+                        continue
+                    lengths = self._support_lengths(support)
+                    step = difference_step(self.dtype, lengths, norms, method) * step_factor
+                    for i in batches:
+                        weight = self.closure.weight(i, self.num_samples)
+                        difference = partial(self._difference, i, row, step, method, support, selected, fixed)
+                        if i > 0:
+                            destination.add_(difference(), alpha=weight)
+                        elif weight == 1.0:
+                            difference(out=destination)
+                        else:
+                            torch.mul(difference(), weight, out=destination)
 
     def _difference(
         self,
@@ -362,7 +370,7 @@ class ProductKernels:
         step: float,
         method: str,
         support: tuple[str, ...],
-        targets: tuple[str, ...],
+        targets: Targets,
         fixed: Mapping[str, Tensor],
         out: Tensor | None = None,
     ) -> Tensor:
@@ -381,16 +389,16 @@ class ProductKernels:
         row: Tensor,
         step: float,
         support: tuple[str, ...],
-        targets: tuple[str, ...],
+        targets: Targets,
         fixed: Mapping[str, Tensor],
         out: Tensor | None = None,
     ) -> Tensor:
         """``(g(θ + step d) - g(θ - step d)) / (2 step)`` of batch ``index`` ``[N_targets]``, ``d`` being
         ``row`` on the support; into ``out`` when given.
         """
-        plus, minus = self._gradient_buffers(self.space.subspace(targets).numel)
-        self._gradient_at(index, row, step, support, targets, fixed, plus)
-        self._gradient_at(index, row, -step, support, targets, fixed, minus)
+        self._gradient_at(index, row, step, support, targets, 0, fixed)
+        self._gradient_at(index, row, -step, support, targets, 1, fixed)
+        plus, minus = targets.gradients
         return torch.sub(plus, minus, out=out).div_(2 * step)
 
     def _gradient_at(
@@ -399,12 +407,12 @@ class ProductKernels:
         row: Tensor,
         step: float,
         support: tuple[str, ...],
-        targets: tuple[str, ...],
+        targets: Targets,
+        which: int,
         fixed: Mapping[str, Tensor],
-        out: Tensor,
     ) -> None:
-        """Batch ``index``'s gradient w.r.t. the targets at ``θ + step d`` into ``out`` ``[N_targets]``
-        (call inside the context).
+        """Batch ``index``'s gradient w.r.t. the targets at ``θ + step d`` into ``targets.gradients[which]``
+        (call with the point swapped in, inside the context).
 
         The point ``θ + step d`` is the operator's own tensor; the saved ``θ`` and the module are
         never written (NOTE [Gradient differences leave the module alone]). Only the targets require
@@ -414,45 +422,29 @@ class ProductKernels:
         Raises:
             KinkMismatch: If the forward did not follow the recorded patterns (freezing is off now).
         """
-        point = self._point()
-        point.move(row, step, support)
-        leaves = point.leaves(targets)
-        self.kinks.run(index, fixed, partial(self._gradient_into, index, point.tensors, leaves, fixed, out))
+        self._point().move(row, step, support)
+        self.kinks.run(index, fixed, partial(self._gradient_into, index, targets, which))
 
-    def _gradient_into(
-        self,
-        index: int,
-        values: Mapping[str, Tensor],
-        leaves: tuple[Tensor, ...],
-        fixed: Mapping[str, Tensor],
-        out: Tensor,
-        replay: FrozenKinks | None,
-    ) -> None:
-        """Batch ``index``'s gradient w.r.t. ``leaves`` with ``values`` swapped in, flat into ``out``
-        (zeros where the loss does not depend on them); ``replay`` is closed after the forward.
+    def _gradient_into(self, index: int, targets: Targets, which: int, replay: FrozenKinks | None) -> None:
+        """Batch ``index``'s gradient w.r.t. the targets' leaves into ``targets.gradients[which]`` (zeros
+        where the loss does not depend on them); ``replay`` is closed after the forward.
         """
-        with self.closure.evaluated(values, index, fixed) as loss:
-            if replay is not None:
-                replay.close()
-            if not loss.requires_grad:
-                out.zero_()
-                return
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-        torch.cat([g.reshape(-1) for g in grads], out=out)
+        loss = self.closure.module_loss(index)
+        if replay is not None:
+            replay.close()
+        if not loss.requires_grad:
+            targets.gradients[which].zero_()
+            return
+        grads = torch.autograd.grad(loss, targets.leaves, allow_unused=True, materialize_grads=True)
+        targets.store(which, grads)
 
     def _point(self) -> PerturbedPoint:
-        """The point of gradient differences, made on first use (NOTE [Cost of gradient differences])."""
+        """The point of gradient differences, made on first use (NOTE [Cost of gradient differences]):
+        three tensors of ``θ``'s size, and ``θ`` flat.
+        """
         if self._perturbed is None:
             self._perturbed = PerturbedPoint(self.space, self.space.flatten(self.params))
         return self._perturbed
-
-    def _gradient_buffers(self, numel: int) -> tuple[Tensor, Tensor]:
-        """Two flat tensors ``[numel]`` for the gradients of a difference (kept: made once)."""
-        if self._gradients is None:
-            empty = partial(torch.empty, self.space.numel, dtype=self.dtype, device=self.device)
-            self._gradients = (empty(), empty())
-        plus, minus = self._gradients
-        return (plus, minus) if numel == self.space.numel else (plus[:numel], minus[:numel])
 
     def _norms(self, row: Tensor, support: tuple[str, ...]) -> list[float]:
         """``||d_k||`` of ``row``'s part on each support tensor ``k`` (one reduction, one sync)."""

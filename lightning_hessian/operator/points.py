@@ -8,11 +8,11 @@ layer's (a few microseconds each on a CPU, mostly dispatch), so making each poin
 gradients anew, one per parameter tensor, cost more than half a gradient per product (a tanh MLP of
 six tensors: 3.4 gradients per product instead of 2). A :class:`PerturbedPoint` holds one point's
 values in one flat tensor, made once per operator: its views, by name, are what the module's slots get
-(:class:`~lightning_hessian.state.TensorSlots`) and the targets' views are the leaves that require
-grad; both gradients of a difference are taken at the same point, rewritten in between, and each is
-concatenated into a flat tensor of the operator's. A gradient then costs a write of ``θ + h d``, its
-forward and backward and one concatenation, and the difference two flat operations, whatever the number
-of parameter tensors; the values are those of the per-tensor form, element by element (``θ + h d``,
+(:class:`~lightning_hessian.state.TensorSlots`, swapped in once per call of the kernels) and the
+targets' views are the leaves that require grad; every gradient is taken at that point, rewritten in
+between, and copied into one of two flat tensors of the point's. A gradient then costs a write of
+``θ + h d``, its forward and backward and one copy, and the difference two flat operations, whatever the
+number of parameter tensors; the values are those of the per-tensor form, element by element (``θ + h d``,
 then ``(g₊ - g₋) / (2h)``). The same tensors in the slots for every gradient also spare modules that
 cache their parameters (``nn.LSTM``'s flat weights) a refresh per gradient.
 
@@ -23,6 +23,7 @@ written into them, and rewritten before every gradient: nothing is kept from one
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -51,9 +52,30 @@ def contiguous_runs(space: ParameterSpace, names: Sequence[str]) -> tuple[slice,
     return tuple(runs)
 
 
+@dataclass(frozen=True)
+class Targets:
+    """The tensors a point's gradients are taken w.r.t., and where they go.
+
+    Attributes:
+        names: The targets' names, in flat order.
+        leaves: Their tensors in the point, the only ones that require grad.
+        gradients: Two flat tensors ``[N_targets]`` for the two gradients of a difference.
+        pieces: Each gradient's views shaped like the leaves (what the gradients are copied into).
+    """
+
+    names: tuple[str, ...]
+    leaves: tuple[Tensor, ...]
+    gradients: tuple[Tensor, Tensor]
+    pieces: tuple[tuple[Tensor, ...], tuple[Tensor, ...]]
+
+    def store(self, which: int, gradient: Sequence[Tensor]) -> None:
+        """Copy a gradient (one tensor per leaf) into ``gradients[which]``."""
+        torch._foreach_copy_(self.pieces[which], gradient)
+
+
 class PerturbedPoint:
-    """One reusable point near ``θ``: flat values and their named views (NOTE [Cost of gradient
-    differences]).
+    """One reusable point near ``θ``: flat values, their named views, and two flat gradients (NOTE
+    [Cost of gradient differences]).
 
     Args:
         space: The parameters' space (names, shapes, flat order).
@@ -61,8 +83,9 @@ class PerturbedPoint:
 
     Example:
         >>> point = PerturbedPoint(space, theta)
+        >>> targets = point.targets(space.names)  # point.tensors go in the module's slots
         >>> point.move(direction, 1e-3, space.names)
-        >>> leaves = point.leaves(space.names)  # point.tensors go in the module's slots
+        >>> targets.store(0, torch.autograd.grad(loss, targets.leaves))  # doctest: +SKIP
     """
 
     def __init__(self, space: ParameterSpace, theta: Tensor) -> None:
@@ -71,8 +94,8 @@ class PerturbedPoint:
         self.values = torch.empty_like(theta)
         #: The values' views by name: what the module's slots get.
         self.tensors = space.unflatten(self.values)
-        self._targets: tuple[str, ...] | None = None
-        self._leaves: tuple[Tensor, ...] = ()
+        self._gradients = (torch.empty_like(theta), torch.empty_like(theta))
+        self._targets: Targets | None = None
         self._runs: dict[tuple[str, ...], tuple[slice, ...]] = {}
         self._everything = (slice(0, space.numel),)
 
@@ -97,12 +120,17 @@ class PerturbedPoint:
             torch.add(self.theta[run], direction[start:stop], alpha=step, out=self.values[run])
             start = stop
 
-    def leaves(self, targets: tuple[str, ...]) -> tuple[Tensor, ...]:
-        """The targets' tensors, which are then the only ones that require grad."""
-        if targets != self._targets:
-            wanted = set(targets)
+    def targets(self, names: tuple[str, ...]) -> Targets:
+        """The :class:`Targets` of ``names`` (in flat order): their tensors then are the only ones of
+        the point that require grad. Call before the forward passes.
+        """
+        if self._targets is None or self._targets.names != names:
+            wanted = set(names)
             for name, tensor in self.tensors.items():
                 tensor.requires_grad_(name in wanted)
-            self._targets = targets
-            self._leaves = tuple(self.tensors[name] for name in targets)
-        return self._leaves
+            space = self.space.subspace(names)
+            gradients = tuple(g[: space.numel] for g in self._gradients)
+            pieces = tuple(tuple(space.unflatten(g).values()) for g in gradients)
+            leaves = tuple(self.tensors[name] for name in names)
+            self._targets = Targets(names, leaves, gradients, pieces)  # type: ignore[arg-type]
+        return self._targets

@@ -444,10 +444,13 @@ class HessianOperator:
                     stacklevel=3,
                 )
                 self._selector.demote(support, targets)
-        for j in range(done, m):
-            self._kernels.products(
-                rows[j : j + 1], self.choice.vector, False, support, targets, out=out[j : j + 1]
-            )
+        if m == 1 and done == 0:  # one vector (a matvec): no slicing
+            self._kernels.products(rows, self.choice.vector, False, support, targets, out=out)
+        else:
+            for j in range(done, m):
+                self._kernels.products(
+                    rows[j : j + 1], self.choice.vector, False, support, targets, out=out[j : j + 1]
+                )
         self.num_matvecs += m
         return out
 

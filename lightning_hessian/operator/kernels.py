@@ -246,22 +246,16 @@ class ProductKernels:
         for i in range(len(self.closure.batches)):
             leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
             with self.closure.context():
-                grads = self._batch_gradient(i, leaves, leaves, self.closure.buffers())
+                grads = self._batch_gradient(i, leaves)
             total += self.closure.weight(i, self.num_samples) * torch.cat([g.reshape(-1) for g in grads])
         return total
 
-    def _batch_gradient(
-        self,
-        index: int,
-        values: Mapping[str, Tensor],
-        leaves: Mapping[str, Tensor],
-        fixed: Mapping[str, Tensor],
-    ) -> list[Tensor]:
-        """Batch ``index``'s gradient w.r.t. ``leaves`` with ``values`` and ``leaves`` swapped in, the
-        backward inside the swap (:meth:`LossClosure.evaluated`); zeros where the loss does not depend
-        on the leaves. Call inside the closure's context.
+    def _batch_gradient(self, index: int, leaves: Mapping[str, Tensor]) -> list[Tensor]:
+        """Batch ``index``'s gradient w.r.t. ``leaves`` swapped in, the backward inside the swap
+        (:meth:`LossClosure.evaluated`); zeros where the loss does not depend on the leaves. Call inside
+        the closure's context.
         """
-        with self.closure.evaluated({**values, **leaves}, index, fixed) as loss:
+        with self.closure.evaluated(leaves, index) as loss:
             if not loss.requires_grad:
                 return [torch.zeros_like(leaf) for leaf in leaves.values()]
             return list(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import Metric
 
 
@@ -179,8 +180,6 @@ def differentiable_context(device: torch.device, math_attention: bool = True) ->
     forward-mode formulas; the math backend is composite and differentiates any number of times.
     ``math_attention=False`` leaves the attention kernel alone (for first-order gradients).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     # Only what differs from the wanted state is entered: this runs around every product.
     with contextlib.ExitStack() as stack:
         if torch.is_inference_mode_enabled():

@@ -351,11 +351,14 @@ class HessianOperator:
         n = self.shape[0]
         if other.ndim not in (1, 2) or other.shape[0] != n:
             raise ValueError(f"Expected a tensor of shape [{n}] or [{n}, m], got {tuple(other.shape)}.")
-        with torch.inference_mode(False):
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self @ other
+        if other.dtype != self.dtype or other.device != self.device:
             other = other.to(device=self.device, dtype=self.dtype)
-            if other.is_inference():
-                other = other.clone()
-            return self.matvec(other) if other.ndim == 1 else self.matmat(other)
+        if other.is_inference():
+            other = other.clone()
+        return self.matvec(other) if other.ndim == 1 else self.matmat(other)
 
     def matvec(self, vector: Tensor) -> Tensor:
         """``H @ v`` for one vector ``[N]``.

@@ -20,7 +20,7 @@ path uses to compute one triangle of the matrix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -299,8 +299,7 @@ class ProductKernels:
         cached = [self.graphs.kept(i) for i in range(len(self.closure.batches))]
         point = self._point()
         selected = point.targets(targets)
-        gradient = selected.gradients[0]
-        totals = [torch.zeros_like(gradient) for _ in multiples]
+        totals = [torch.zeros_like(selected.gradient) for _ in multiples]
         with self.closure.context(second_order=False):
             fixed = self.closure.buffers()
             with self.closure.swapped(point.tensors, fixed):
@@ -308,10 +307,10 @@ class ProductKernels:
                     weight = self.closure.weight(i, self.num_samples)
                     for total, multiple in zip(totals, multiples, strict=True):
                         if multiple == 0 and graph is not None:
-                            selected.store(0, self._kept_gradient(graph, targets))
+                            selected.store(self._kept_gradient(graph, targets))
                         else:
-                            self._gradient_at(i, row, multiple * step, support, selected, 0, fixed)
-                        total.add_(gradient, alpha=weight)
+                            self._gradient_at(i, row, multiple * step, support, selected, fixed)
+                        total.add_(selected.gradient, alpha=weight)
         return totals
 
     def _kept_gradient(self, graph: FirstOrderGraph, targets: tuple[str, ...]) -> list[Tensor]:
@@ -390,10 +389,9 @@ class ProductKernels:
         """``(g(θ + step d) - g(θ - step d)) / (2 step)`` of batch ``index`` ``[N_targets]``, ``d`` being
         ``row`` on the support; into ``out`` when given.
         """
-        self._gradient_at(index, row, step, support, targets, 0, fixed)
-        self._gradient_at(index, row, -step, support, targets, 1, fixed)
-        plus, minus = targets.gradients
-        return torch.sub(plus, minus, out=out).div_(2 * step)
+        self._gradient_at(index, row, step, support, targets, fixed)
+        self._gradient_at(index, row, -step, support, targets, fixed, subtract=True)
+        return torch.div(targets.gradient, 2 * step, out=out)
 
     def _gradient_at(
         self,
@@ -402,11 +400,11 @@ class ProductKernels:
         step: float,
         support: tuple[str, ...],
         targets: Targets,
-        which: int,
         fixed: Mapping[str, Tensor],
+        subtract: bool = False,
     ) -> None:
-        """Batch ``index``'s gradient w.r.t. the targets at ``θ + step d`` into ``targets.gradients[which]``
-        (call with the point swapped in, inside the context).
+        """Batch ``index``'s gradient w.r.t. the targets at ``θ + step d`` into ``targets.gradient``, or
+        subtracted from it (call with the point swapped in, inside the context).
 
         The point ``θ + step d`` is the operator's own tensor; the saved ``θ`` and the module are
         never written (NOTE [Gradient differences leave the module alone]). Only the targets require
@@ -417,20 +415,26 @@ class ProductKernels:
             KinkMismatch: If the forward did not follow the recorded patterns (freezing is off now).
         """
         self._point().move(row, step, support)
-        self.kinks.run(index, fixed, partial(self._gradient_into, index, targets, which))
+        sink = targets.subtract if subtract else targets.store
+        self.kinks.run(index, fixed, partial(self._gradient_into, index, targets.leaves, sink))
 
-    def _gradient_into(self, index: int, targets: Targets, which: int, replay: FrozenKinks | None) -> None:
-        """Batch ``index``'s gradient w.r.t. the targets' leaves into ``targets.gradients[which]`` (zeros
-        where the loss does not depend on them); ``replay`` is closed after the forward.
+    def _gradient_into(
+        self,
+        index: int,
+        leaves: tuple[Tensor, ...],
+        sink: Callable[[Sequence[Tensor]], None],
+        replay: FrozenKinks | None,
+    ) -> None:
+        """Batch ``index``'s gradient w.r.t. ``leaves`` (zeros where the loss does not depend on them),
+        given to ``sink``; ``replay`` is closed after the forward.
         """
         loss = self.closure.module_loss(index)
         if replay is not None:
             replay.close()
-        if not loss.requires_grad:
-            targets.gradients[which].zero_()
-            return
-        grads = torch.autograd.grad(loss, targets.leaves, allow_unused=True, materialize_grads=True)
-        targets.store(which, grads)
+        if loss.requires_grad:
+            sink(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
+        else:
+            sink([torch.zeros_like(leaf) for leaf in leaves])
 
     def _point(self) -> PerturbedPoint:
         """The point of gradient differences, made on first use (NOTE [Cost of gradient differences]):

@@ -9,12 +9,13 @@ gradients anew, one per parameter tensor, cost more than half a gradient per pro
 six tensors: 3.4 gradients per product instead of 2). A :class:`PerturbedPoint` holds one point's
 values in one flat tensor, made once per operator: its views, by name, are what the module's slots get
 (:class:`~lightning_hessian.state.TensorSlots`, swapped in once per call of the kernels) and the
-targets' views are the leaves that require grad; every gradient is taken at that point, rewritten in
-between, and copied into one of two flat tensors of the point's. A gradient then costs a write of
-``θ + h d``, its forward and backward and one copy, and the difference two flat operations, whatever the
-number of parameter tensors; the values are those of the per-tensor form, element by element (``θ + h d``,
-then ``(g₊ - g₋) / (2h)``). The same tensors in the slots for every gradient also spare modules that
-cache their parameters (``nn.LSTM``'s flat weights) a refresh per gradient.
+targets' views are the leaves that require grad. Every gradient is taken at that point, rewritten in
+between; the first of a difference is copied into a flat tensor of the point's and the second
+subtracted from it. A gradient then costs a write of ``θ + h d``, its forward and backward and one copy
+or subtraction, and the difference a division, whatever the number of parameter tensors; the values
+are those of the per-tensor form, element by element (``θ + h d``, then ``(g₊ - g₋) / (2h)``). The
+same tensors in the slots for every gradient also spare modules that cache their parameters
+(``nn.LSTM``'s flat weights) a refresh per gradient.
 
 The flat tensors are the operator's own (never the module's), taken at ``θ`` only through the values
 written into them, and rewritten before every gradient: nothing is kept from one product to the next.
@@ -59,23 +60,27 @@ class Targets:
     Attributes:
         names: The targets' names, in flat order.
         leaves: Their tensors in the point, the only ones that require grad.
-        gradients: Two flat tensors ``[N_targets]`` for the two gradients of a difference.
-        pieces: Each gradient's views shaped like the leaves (what the gradients are copied into).
+        gradient: A flat tensor ``[N_targets]``: a gradient, or the difference of two.
+        pieces: Its views shaped like the leaves.
     """
 
     names: tuple[str, ...]
     leaves: tuple[Tensor, ...]
-    gradients: tuple[Tensor, Tensor]
-    pieces: tuple[tuple[Tensor, ...], tuple[Tensor, ...]]
+    gradient: Tensor
+    pieces: tuple[Tensor, ...]
 
-    def store(self, which: int, gradient: Sequence[Tensor]) -> None:
-        """Copy a gradient (one tensor per leaf) into ``gradients[which]``."""
-        torch._foreach_copy_(self.pieces[which], gradient)
+    def store(self, gradient: Sequence[Tensor]) -> None:
+        """Copy a gradient (one tensor per leaf) into :attr:`gradient`."""
+        torch._foreach_copy_(self.pieces, gradient)
+
+    def subtract(self, gradient: Sequence[Tensor]) -> None:
+        """Subtract a gradient (one tensor per leaf) from :attr:`gradient`, in place."""
+        torch._foreach_sub_(self.pieces, gradient)
 
 
 class PerturbedPoint:
-    """One reusable point near ``θ``: flat values, their named views, and two flat gradients (NOTE
-    [Cost of gradient differences]).
+    """One reusable point near ``θ``: flat values, their named views, and a flat gradient (NOTE [Cost
+    of gradient differences]).
 
     Args:
         space: The parameters' space (names, shapes, flat order).
@@ -85,7 +90,7 @@ class PerturbedPoint:
         >>> point = PerturbedPoint(space, theta)
         >>> targets = point.targets(space.names)  # point.tensors go in the module's slots
         >>> point.move(direction, 1e-3, space.names)
-        >>> targets.store(0, torch.autograd.grad(loss, targets.leaves))  # doctest: +SKIP
+        >>> targets.store(torch.autograd.grad(loss, targets.leaves))  # doctest: +SKIP
     """
 
     def __init__(self, space: ParameterSpace, theta: Tensor) -> None:
@@ -94,7 +99,7 @@ class PerturbedPoint:
         self.values = torch.empty_like(theta)
         #: The values' views by name: what the module's slots get.
         self.tensors = space.unflatten(self.values)
-        self._gradients = (torch.empty_like(theta), torch.empty_like(theta))
+        self._gradient = torch.empty_like(theta)
         self._targets: Targets | None = None
         self._runs: dict[tuple[str, ...], tuple[slice, ...]] = {}
         self._everything = (slice(0, space.numel),)
@@ -129,8 +134,7 @@ class PerturbedPoint:
             for name, tensor in self.tensors.items():
                 tensor.requires_grad_(name in wanted)
             space = self.space.subspace(names)
-            gradients = tuple(g[: space.numel] for g in self._gradients)
-            pieces = tuple(tuple(space.unflatten(g).values()) for g in gradients)
+            gradient = self._gradient[: space.numel]
             leaves = tuple(self.tensors[name] for name in names)
-            self._targets = Targets(names, leaves, gradients, pieces)  # type: ignore[arg-type]
+            self._targets = Targets(names, leaves, gradient, tuple(space.unflatten(gradient).values()))
         return self._targets

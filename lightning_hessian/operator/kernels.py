@@ -438,7 +438,7 @@ class ProductKernels:
 
     def _point(self) -> PerturbedPoint:
         """The point of gradient differences, made on first use (NOTE [Cost of gradient differences]):
-        three tensors of ``θ``'s size, and ``θ`` flat.
+        three tensors of ``θ``'s size (``θ`` flat, the point's values, a gradient).
         """
         if self._perturbed is None:
             self._perturbed = PerturbedPoint(self.space, self.space.flatten(self.params))

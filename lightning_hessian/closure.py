@@ -113,20 +113,6 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
     return lightning_training_step_loss
 
 
-class _LossModule(nn.Module):
-    """Wraps ``loss_fn(model, batch)`` as a module (with ``training_step``'s ``batch_idx``)."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any, batch_idx: int) -> Tensor:
-        if self.loss_fn is lightning_training_step_loss:
-            return lightning_training_step_loss(self.model, batch, batch_idx)
-        return self.loss_fn(self.model, batch)
-
-
 def _scalar(loss: Any) -> Tensor:
     """``loss`` as a 0-d tensor.
 
@@ -199,7 +185,6 @@ class LossClosure:
         if any(n <= 0 for n in self.batch_sizes):
             raise ValueError(f"Every batch must hold at least one sample; sizes: {self.batch_sizes}.")
         self.num_samples = sum(self.batch_sizes)
-        self._wrapper = _LossModule(model, self.loss_fn)
         self._slots = TensorSlots(model)
         self._hold = _Hold()  # shared with subset() copies
         self._device: torch.device | None = None
@@ -354,8 +339,10 @@ class LossClosure:
         if self.mode == "train":
             # One fixed random stream per batch, so dropout draws the same mask for every product.
             torch.manual_seed(_TRAIN_MODE_SEED + self.batch_offset + index)
-        loss = self._wrapper(self.batches[index], self.batch_offset + index)
-        return _scalar(loss)
+        batch, batch_idx = self.batches[index], self.batch_offset + index
+        if self.loss_fn is lightning_training_step_loss:
+            return _scalar(lightning_training_step_loss(self.model, batch, batch_idx))
+        return _scalar(self.loss_fn(self.model, batch))
 
     def subset(self, index: int) -> LossClosure:
         """A closure over batch ``index`` alone (same model, loss and settings; mean reduction).

@@ -181,16 +181,22 @@ def differentiable_context(device: torch.device, math_attention: bool = True) ->
     ``math_attention=False`` leaves the attention kernel alone (for first-order gradients).
     """
     # Only what differs from the wanted state is entered: this runs around every product.
+    contexts: list[contextlib.AbstractContextManager[Any]] = []
+    if torch.is_inference_mode_enabled():
+        contexts.append(torch.inference_mode(False))
+    if not torch.is_grad_enabled():
+        contexts.append(torch.enable_grad())
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            contexts.append(torch.autocast(device_type, enabled=False))
+    if math_attention:
+        contexts.append(sdpa_kernel([SDPBackend.MATH]))
+    if not contexts:
+        yield
+        return
     with contextlib.ExitStack() as stack:
-        if torch.is_inference_mode_enabled():
-            stack.enter_context(torch.inference_mode(False))
-        if not torch.is_grad_enabled():
-            stack.enter_context(torch.enable_grad())
-        for device_type in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        if math_attention:
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        for context in contexts:
+            stack.enter_context(context)
         yield
 
 

@@ -197,6 +197,18 @@ def test_reused_points_carry_nothing_from_one_product_to_the_next():
     assert not torch.allclose(fresh @ v, first)
 
 
+def test_an_operator_with_exact_products_keeps_no_point_of_gradient_differences():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    op = lh.HessianOperator(model, cross_entropy_loss, _batch(16), hvp=REVERSE)
+    op @ torch.randn(op.shape[0])  # its first product is refereed by gradient differences
+    assert REVERSE in op.choice.referee
+    assert op._kernels._perturbed is None  # their point went with the referee: no memory kept
+    differences = lh.HessianOperator(model, cross_entropy_loss, _batch(16), hvp=FINITE_DIFFERENCE)
+    differences @ torch.randn(op.shape[0])
+    assert differences._kernels._perturbed is not None
+
+
 # --------------------------------------------------------------------------- no trace on the module
 
 

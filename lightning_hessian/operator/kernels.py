@@ -297,7 +297,7 @@ class ProductKernels:
         multiples: tuple[float, ...],
     ) -> list[Tensor]:
         cached = [self.graphs.kept(i) for i in range(len(self.closure.batches))]
-        point = self._point()
+        point = self._point(keep=False)
         selected = point.targets(targets)
         totals = [torch.zeros_like(selected.gradient) for _ in multiples]
         with self.closure.context(second_order=False):
@@ -414,7 +414,7 @@ class ProductKernels:
         Raises:
             KinkMismatch: If the forward did not follow the recorded patterns (freezing is off now).
         """
-        self._point().move(row, step, support)
+        targets.point.move(row, step, support)
         sink = targets.subtract if subtract else targets.store
         self.kinks.run(index, fixed, partial(self._gradient_into, index, targets.leaves, sink))
 
@@ -436,13 +436,18 @@ class ProductKernels:
         else:
             sink([torch.zeros_like(leaf) for leaf in leaves])
 
-    def _point(self) -> PerturbedPoint:
-        """The point of gradient differences, made on first use (NOTE [Cost of gradient differences]):
-        three tensors of ``θ``'s size (``θ`` flat, the point's values, a gradient).
+    def _point(self, keep: bool = True) -> PerturbedPoint:
+        """The point of gradient differences (NOTE [Cost of gradient differences]): three tensors of
+        ``θ``'s size (``θ`` flat, the point's values, a gradient), made on first use and kept for the
+        products; ``keep=False`` (the referee's gradients) keeps no new one, so that an operator whose
+        products are exact holds none.
         """
-        if self._perturbed is None:
-            self._perturbed = PerturbedPoint(self.space, self.space.flatten(self.params))
-        return self._perturbed
+        if self._perturbed is not None:
+            return self._perturbed
+        point = PerturbedPoint(self.space, self.space.flatten(self.params))
+        if keep:
+            self._perturbed = point
+        return point
 
     def _norms(self, row: Tensor, support: tuple[str, ...]) -> list[float]:
         """``||d_k||`` of ``row``'s part on each support tensor ``k`` (one reduction, one sync)."""

@@ -58,12 +58,14 @@ class Targets:
     """The tensors a point's gradients are taken w.r.t., and where they go.
 
     Attributes:
+        point: The point.
         names: The targets' names, in flat order.
         leaves: Their tensors in the point, the only ones that require grad.
         gradient: A flat tensor ``[N_targets]``: a gradient, or the difference of two.
         pieces: Its views shaped like the leaves.
     """
 
+    point: PerturbedPoint
     names: tuple[str, ...]
     leaves: tuple[Tensor, ...]
     gradient: Tensor
@@ -136,5 +138,6 @@ class PerturbedPoint:
             space = self.space.subspace(names)
             gradient = self._gradient[: space.numel]
             leaves = tuple(self.tensors[name] for name in names)
-            self._targets = Targets(names, leaves, gradient, tuple(space.unflatten(gradient).values()))
+            pieces = tuple(space.unflatten(gradient).values())
+            self._targets = Targets(self, names, leaves, gradient, pieces)
         return self._targets

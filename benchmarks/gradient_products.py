@@ -25,7 +25,8 @@ top-5 eigenvalues and trace against the eager module's. And the once-differentia
 report, and what ``auto`` reports, against the same weights with ``torch.tanh``.
 
 Run: ``python benchmarks/gradient_products.py`` (``--repeats 7 --threads 1``; ``--skip-compile`` to
-leave out the compiled modules, whose inductor compilation takes a minute on 2 cores).
+leave out the compiled modules, whose inductor compilation takes a minute on 2 cores; ``--cost-only``
+for the cost table alone).
 """
 
 from __future__ import annotations
@@ -330,14 +331,48 @@ def once_differentiable_rows() -> list[list]:
     return rows
 
 
+def print_cost_table(repeats: int) -> None:
+    """The cost of a product by method, in plain gradients, on every smooth model and the mid-size CNN."""
+    print(f"\nCost per product, in plain gradients (float32, median of {repeats}, interleaved)")
+    cost_rows = []
+    for name in MODELS:
+        if "ReLU" in name:
+            continue
+        model, data = problem(name)
+        gradient, *ratios = cost(model, data, repeats)
+        cost_rows.append([name, f"{gradient * 1e3:.2f} ms", *(f"{r:.2f}" for r in ratios)])
+    model, loss_fn, data = mid_cnn_problem()
+    gradient, *ratios = cost(model, data, repeats)
+    cost_rows.append(
+        ["mid-size CNN (141,034 params, batch 64)", f"{gradient * 1e3:.1f} ms", *(f"{r:.2f}" for r in ratios)]
+    )
+    print(
+        markdown_table(
+            [
+                "model",
+                "gradient",
+                "central (in an analysis)",
+                "central (standalone op @ v)",
+                "Richardson",
+                "reverse-over-reverse (exact)",
+            ],
+            cost_rows,
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--cost-only", action="store_true", help="only the cost table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_line())
+    if args.cost_only:
+        print_cost_table(args.repeats)
+        return
     print("\nAccuracy of gradient differences vs the exact products of the same model and dtype")
     rows = [accuracy(name, dtype) for name in MODELS for dtype in (torch.float32, torch.float64)]
     print(
@@ -356,32 +391,7 @@ def main() -> None:
         )
     )
     print("\n✗: above the target (products 1e-3 / 1e-7, top-5 eigenvalues 1e-3 / 1e-8 in float32 / float64)")
-    print(f"\nCost per product, in plain gradients (float32, median of {args.repeats}, interleaved)")
-    cost_rows = []
-    for name in MODELS:
-        if "ReLU" in name:
-            continue
-        model, data = problem(name)
-        gradient, *ratios = cost(model, data, args.repeats)
-        cost_rows.append([name, f"{gradient * 1e3:.2f} ms", *(f"{r:.2f}" for r in ratios)])
-    model, loss_fn, data = mid_cnn_problem()
-    gradient, *ratios = cost(model, data, args.repeats)
-    cost_rows.append(
-        ["mid-size CNN (141,034 params, batch 64)", f"{gradient * 1e3:.1f} ms", *(f"{r:.2f}" for r in ratios)]
-    )
-    print(
-        markdown_table(
-            [
-                "model",
-                "gradient",
-                "central (in an analysis)",
-                "central (standalone op @ v)",
-                "Richardson",
-                "reverse-over-reverse (exact)",
-            ],
-            cost_rows,
-        )
-    )
+    print_cost_table(args.repeats)
     print(
         "\nA once-differentiable tanh (custom autograd.Function, backward @once_differentiable), top-2 of 5"
     )

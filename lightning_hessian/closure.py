@@ -113,26 +113,14 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
     return lightning_training_step_loss
 
 
-class _LossModule(nn.Module):
-    """Wraps ``loss_fn(model, batch)`` as a module (with ``training_step``'s ``batch_idx``)."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any, batch_idx: int) -> Tensor:
-        if self.loss_fn is lightning_training_step_loss:
-            return lightning_training_step_loss(self.model, batch, batch_idx)
-        return self.loss_fn(self.model, batch)
-
-
 def _scalar(loss: Any) -> Tensor:
     """``loss`` as a 0-d tensor.
 
     Raises:
         ValueError: If it is not a one-element tensor.
     """
+    if isinstance(loss, Tensor) and loss.ndim == 0:
+        return loss
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(
@@ -197,7 +185,6 @@ class LossClosure:
         if any(n <= 0 for n in self.batch_sizes):
             raise ValueError(f"Every batch must hold at least one sample; sizes: {self.batch_sizes}.")
         self.num_samples = sum(self.batch_sizes)
-        self._wrapper = _LossModule(model, self.loss_fn)
         self._slots = TensorSlots(model)
         self._hold = _Hold()  # shared with subset() copies
         self._device: torch.device | None = None
@@ -235,9 +222,9 @@ class LossClosure:
         """Tensors held fixed while differentiating: buffers and, when computing in another dtype,
         every parameter (selected ones are overridden by the differentiated values), cast to it.
         """
-        fixed = dict(self.model.named_buffers())
+        fixed = self._slots.current("_buffers")
         if self.dtype is not None:
-            fixed.update((n, p.detach()) for n, p in self.model.named_parameters())
+            fixed.update((n, p.detach()) for n, p in self._slots.current("_parameters").items())
             fixed = {n: t.to(self.dtype) if t.is_floating_point() else t for n, t in fixed.items()}
         return fixed
 
@@ -320,27 +307,42 @@ class LossClosure:
             >>> with closure.context(), closure.evaluated(leaves, 0) as loss:
             ...     grads = torch.autograd.grad(loss, list(leaves.values()))
         """
+        with self.swapped(params, buffers):
+            yield self.module_loss(index)
+
+    def swapped(
+        self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """``params`` and ``buffers`` (default :meth:`buffers`) in the module's slots until exit.
+
+        For many losses at the same tensors (whose values may change in between): each is
+        :meth:`module_loss` inside it, and differentiated there (see :meth:`evaluated`).
+
+        Example:
+            >>> with closure.context(), closure.swapped(leaves):
+            ...     losses = [closure.module_loss(i) for i in range(len(closure.batches))]
+        """
         fixed = self.buffers() if buffers is None else buffers
-        if self.mode == "train":
-            # One fixed random stream per batch, so dropout draws the same mask for every product.
-            torch.manual_seed(_TRAIN_MODE_SEED + self.batch_offset + index)
-        with self._slots.swapped({**fixed, **params}):
-            yield _scalar(self._wrapper(self.batches[index], self.batch_offset + index))
+        return self._slots.swapped({**fixed, **params})
 
     def module_loss(self, index: int) -> Tensor:
-        """Loss of batch ``index`` at the module's own parameters, through its own forward (call
-        inside :meth:`context`).
+        """Loss of batch ``index`` with the tensors in the module's slots, through its own forward
+        (call inside :meth:`context`).
 
-        For modules that manage their parameters themselves, such as FSDP2's sharded modules, which
-        all-gather them in forward: nothing is swapped in (see :meth:`batch_loss` for that).
+        Those are the module's own parameters, or what :meth:`swapped` put there. For modules that
+        manage their parameters themselves, such as FSDP2's sharded modules, which all-gather them in
+        forward, nothing is swapped in (see :meth:`batch_loss` for that).
 
         Raises:
             ValueError: If the loss is not a scalar.
         """
         if self.mode == "train":
+            # One fixed random stream per batch, so dropout draws the same mask for every product.
             torch.manual_seed(_TRAIN_MODE_SEED + self.batch_offset + index)
-        loss = self._wrapper(self.batches[index], self.batch_offset + index)
-        return _scalar(loss)
+        batch, batch_idx = self.batches[index], self.batch_offset + index
+        if self.loss_fn is lightning_training_step_loss:
+            return _scalar(lightning_training_step_loss(self.model, batch, batch_idx))
+        return _scalar(self.loss_fn(self.model, batch))
 
     def subset(self, index: int) -> LossClosure:
         """A closure over batch ``index`` alone (same model, loss and settings; mean reduction).

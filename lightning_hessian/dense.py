@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .distributed import agree_on_failure, all_reduce_or_raise
+from .distributed import agree_on_failure, all_finite, all_reduce_or_raise
 from .errors import HessianTooLargeError, NonFiniteHessianError
 from .memory import GIB, available_memory
 from .parameters import ParameterSpace
@@ -173,7 +173,7 @@ def dense_from_operator(op: BlockProductOperator, chunk_size: int | None = None)
             destination = matrix[low:high, first:]  # rows = columns by symmetry
             if op.process_group is None:
                 op.block_products(rows, support, targets, out=destination)
-                if not bool(torch.isfinite(destination).all()):
+                if not all_finite(destination):
                     raise NonFiniteHessianError("The dense Hessian has NaN or infinite entries.")
             else:  # every rank computes these columns on its batches; the sum is the union's Hessian
                 local = partial(op.block_products, rows, support, targets)

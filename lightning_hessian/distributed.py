@@ -16,6 +16,7 @@ With ``group=None`` (a single process) both are plain local computations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .errors import NonFiniteHessianError, RankFailedError
+
+
+def all_finite(values: Tensor) -> bool:
+    """Whether every entry of ``values`` is finite: one reduction and one sync where it is.
+
+    A sum is finite only where every entry is (an infinite or NaN entry makes it infinite or NaN), so
+    only a sum that overflows, or an infinite or NaN entry, takes the entrywise check.
+
+    Example:
+        >>> all_finite(torch.tensor([1.0, 2.0])), all_finite(torch.tensor([1.0, float("nan")]))
+        (True, False)
+    """
+    if values.is_floating_point() and math.isfinite(float(values.sum())):
+        return True
+    return bool(torch.isfinite(values).all())
 
 
 def resolve_process_group(process_group: Any = "auto") -> Any:
@@ -205,7 +221,7 @@ def all_reduce_or_raise(
         buffer = result.to(reduce_device(group, torch.device(device)))
         dist.all_reduce(buffer, group=group)
         result = buffer.to(result.device)
-    if not bool(torch.isfinite(result).all()):
+    if not all_finite(result):
         where = "this rank" if error is not None else "the loss or another rank"
         raise NonFiniteHessianError(
             f"{what} is not finite (failure on {where}"

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .batches import BatchSizeFn
 from .closure import LossClosure, LossFn
-from .distributed import agree_on_failure, all_reduce_or_raise
+from .distributed import agree_on_failure, all_finite, all_reduce_or_raise
 from .errors import NonFiniteHessianError
 from .fsdp import ShardedRunner, fsdp_modules
 from .memory import available_memory
@@ -398,7 +398,7 @@ class ShardedHessianOperator:
 
     def _check_finite(self, local: Tensor, what: str) -> None:
         """Raise :class:`NonFiniteHessianError` on every rank when ``local`` is not finite on any."""
-        bad = not bool(torch.isfinite(local).all())
+        bad = not all_finite(local)
         agreed = agree_on_failure(None, self._group, device=self.device, values=[float(bad)])
         if agreed.values[0] > 0:
             where = "this rank" if bad else "another rank"

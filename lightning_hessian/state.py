@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import Metric
 
 
@@ -106,6 +107,8 @@ class TensorSlots:
 
     def __init__(self, module: nn.Module) -> None:
         self._slots: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        #: The names ``named_parameters()`` and ``named_buffers()`` give (one per tensor), in order.
+        self.names: dict[str, list[str]] = {"_parameters": [], "_buffers": []}
         first_name: dict[int, str] = {}
         named = (
             ("_parameters", module.named_parameters(remove_duplicate=False)),
@@ -116,9 +119,22 @@ class TensorSlots:
                 owner_name, _, key = name.rpartition(".")
                 owner = module.get_submodule(owner_name)
                 canonical = first_name.setdefault(id(tensor), name)
+                if canonical == name:
+                    self.names[kind].append(name)
                 slots = self._slots.setdefault(canonical, [])
                 slots.append((getattr(owner, kind), key))
                 self._slots[name] = slots  # an alias shares its tensor's slot list
+
+    def current(self, kind: str) -> dict[str, Tensor]:
+        """The tensors in the module's parameter (``"_parameters"``) or buffer (``"_buffers"``) slots
+        now, by name: ``dict(module.named_parameters())`` or ``dict(module.named_buffers())`` without
+        walking the module.
+        """
+        current = {}
+        for name in self.names[kind]:
+            members, key = self._slots[name][0]
+            current[name] = members[key]
+        return current
 
     @contextlib.contextmanager
     def swapped(self, tensors: dict[str, Tensor]) -> Iterator[None]:
@@ -164,19 +180,23 @@ def differentiable_context(device: torch.device, math_attention: bool = True) ->
     forward-mode formulas; the math backend is composite and differentiates any number of times.
     ``math_attention=False`` leaves the attention kernel alone (for first-order gradients).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     # Only what differs from the wanted state is entered: this runs around every product.
+    contexts: list[contextlib.AbstractContextManager[Any]] = []
+    if torch.is_inference_mode_enabled():
+        contexts.append(torch.inference_mode(False))
+    if not torch.is_grad_enabled():
+        contexts.append(torch.enable_grad())
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            contexts.append(torch.autocast(device_type, enabled=False))
+    if math_attention:
+        contexts.append(sdpa_kernel([SDPBackend.MATH]))
+    if not contexts:
+        yield
+        return
     with contextlib.ExitStack() as stack:
-        if torch.is_inference_mode_enabled():
-            stack.enter_context(torch.inference_mode(False))
-        if not torch.is_grad_enabled():
-            stack.enter_context(torch.enable_grad())
-        for device_type in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        if math_attention:
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        for context in contexts:
+            stack.enter_context(context)
         yield
 
 

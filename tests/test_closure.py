@@ -243,6 +243,20 @@ def test_held_saves_state_once_and_restores_it_after_many_products(monkeypatch):
     assert len(saves) == 2
 
 
+def test_slots_read_what_named_parameters_and_named_buffers_give_without_walking_the_module():
+    shared, norm = nn.Linear(3, 3), nn.BatchNorm1d(3)
+    model = nn.Sequential(shared, norm, nn.Tanh(), shared, norm)  # tied layers: one name per tensor
+    slots = TensorSlots(model)
+    for kind, named in (("_parameters", model.named_parameters), ("_buffers", model.named_buffers)):
+        current = slots.current(kind)
+        assert list(current) == [n for n, _ in named()]
+        assert all(current[n] is t for n, t in named())
+    norm.running_mean = torch.ones(3)  # a buffer replaced: the slot holds the new tensor
+    assert slots.current("_buffers")["1.running_mean"] is norm.running_mean
+    with slots.swapped({"0.weight": torch.zeros(3, 3)}):
+        assert torch.equal(slots.current("_parameters")["0.weight"], torch.zeros(3, 3))
+
+
 def test_slots_swap_tied_parameters_together_and_put_the_originals_back():
     shared = nn.Linear(3, 3)
     model = nn.Sequential(shared, nn.Tanh(), shared)  # one tensor under two names

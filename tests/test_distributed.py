@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_hessian.distributed import agree_on_failure, all_reduce_or_raise, resolve_process_group
+from lightning_hessian.distributed import (
+    agree_on_failure,
+    all_finite,
+    all_reduce_or_raise,
+    resolve_process_group,
+)
 from lightning_hessian.errors import NonFiniteHessianError
 
 
@@ -38,6 +43,17 @@ def test_all_reduce_or_raise_runs_locally_and_checks_finiteness():
 
     with pytest.raises(KeyError):  # one process: the error itself, unchanged
         all_reduce_or_raise(fails, None, shape=(1,), dtype=torch.float32, device="cpu")
+
+
+def test_all_finite_sums_once_and_checks_entrywise_only_where_the_sum_is_not_finite():
+    big = torch.finfo(torch.float32).max
+    assert all_finite(torch.tensor([1.0, -2.0])) and all_finite(torch.zeros(0))
+    assert all_finite(torch.tensor([big, big]))  # the sum overflows, every entry is finite
+    assert all_finite(torch.tensor([60000.0, 60000.0], dtype=torch.float16))
+    assert all_finite(torch.tensor([1, 2]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not all_finite(torch.tensor([1.0, bad])), bad
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # a NaN sum
 
 
 def test_process_group_auto_is_none_without_torch_distributed():

@@ -126,6 +126,89 @@ def test_float32_gradient_differences_are_within_the_documented_error(name):
     assert _relative(product.double(), reference @ v) < expected_error(torch.float32)
 
 
+def _central_by_hand(model, loss_fn, data, theta, v, method=FINITE_DIFFERENCE):
+    """Gradient differences one tensor at a time: ``θ + h d`` per tensor, a gradient per batch,
+    ``(g₊ - g₋) / (2h)`` per tensor (Richardson: ``(4 D(h/2) - D(h)) / 3``), weighted by batch size.
+    """
+    names = list(theta)
+    parts = dict(zip(names, v.split([t.numel() for t in theta.values()]), strict=True))
+    lengths = [1 + float(t.norm()) for t in theta.values()]
+    step = difference_step(v.dtype, lengths, [float(p.norm()) for p in parts.values()], method)
+
+    def gradient(batch, h):
+        point = {n: torch.add(theta[n], parts[n].view_as(theta[n]), alpha=h).requires_grad_() for n in names}
+        loss = F.cross_entropy(torch.func.functional_call(model, point, (batch[0],)), batch[1])
+        return torch.autograd.grad(loss, list(point.values()))
+
+    def central(batch, h):
+        plus, minus = gradient(batch, h), gradient(batch, -h)
+        return torch.cat([((a - b) / (2 * h)).reshape(-1) for a, b in zip(plus, minus, strict=True)])
+
+    total = sum(len(batch[1]) for batch in data)
+    product = None
+    for batch in data:
+        if method == FINITE_DIFFERENCE:
+            difference = central(batch, step)
+        else:
+            difference = (4 * central(batch, step / 2) - central(batch, step)) / 3
+        weight = len(batch[1]) / total
+        product = torch.mul(difference, weight) if product is None else product.add_(difference, alpha=weight)
+    return product
+
+
+@pytest.mark.parametrize("method", [FINITE_DIFFERENCE, RICHARDSON])
+def test_products_are_the_per_tensor_central_differences_bit_for_bit(method):
+    # The reused flat points (NOTE [Cost of gradient differences]) compute what one tensor at a time does.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    data = [(x.double(), y) for x, y in _batch(16, seed=1) + _batch(7, seed=2)]
+    op = lh.HessianOperator(model, cross_entropy_loss, data, hvp=method)
+    V = torch.randn(op.shape[0], 2, dtype=DOUBLE, generator=torch.Generator().manual_seed(0))
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    products = op @ V
+    for j in range(2):
+        expected = _central_by_hand(model, cross_entropy_loss, data, theta, V[:, j], method)
+        assert torch.equal(products[:, j], expected), j
+        assert torch.equal(op @ V[:, j].contiguous(), expected), j
+
+
+def test_reused_points_carry_nothing_from_one_product_to_the_next():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    op = lh.HessianOperator(model, cross_entropy_loss, _batch(16), dtype=DOUBLE, hvp=FINITE_DIFFERENCE)
+    generator = torch.Generator().manual_seed(0)
+    v, w = (torch.randn(op.shape[0], dtype=DOUBLE, generator=generator) for _ in range(2))
+    first = op @ v
+    names = op.space.names
+    support, targets = names[2:], names[:3]  # the last layer's direction; entries of the first and last
+    on_support = w[-op.space.subspace(support).numel :]  # the support is the flat vector's tail
+    block = op.block_products(on_support[None], support, targets)
+    # support and targets given in another order: the same block (its entries in flat order)
+    assert torch.equal(block, op.block_products(on_support[None], support[::-1], targets[::-1]))
+    # the whole vector, zero off the support: the same points, so the same gradients of the targets
+    full = op @ torch.cat([torch.zeros(op.shape[0] - len(on_support), dtype=DOUBLE), on_support])
+    torch.testing.assert_close(block[0], full[: block.shape[1]], rtol=1e-12, atol=0)
+    with torch.no_grad():  # the module moves on (a training step): the operator keeps its θ
+        for p in model.parameters():
+            p.add_(1.0)
+    assert torch.equal(op @ v, first)
+    assert torch.equal(op @ torch.zeros_like(v), torch.zeros_like(v))
+    fresh = lh.HessianOperator(model, cross_entropy_loss, _batch(16), dtype=DOUBLE, hvp=FINITE_DIFFERENCE)
+    assert not torch.allclose(fresh @ v, first)
+
+
+def test_an_operator_with_exact_products_keeps_no_point_of_gradient_differences():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    op = lh.HessianOperator(model, cross_entropy_loss, _batch(16), hvp=REVERSE)
+    op @ torch.randn(op.shape[0])  # its first product is refereed by gradient differences
+    assert REVERSE in op.choice.referee
+    assert op._kernels._perturbed is None  # their point went with the referee: no memory kept
+    differences = lh.HessianOperator(model, cross_entropy_loss, _batch(16), hvp=FINITE_DIFFERENCE)
+    differences @ torch.randn(op.shape[0])
+    assert differences._kernels._perturbed is not None
+
+
 # --------------------------------------------------------------------------- no trace on the module
 
 

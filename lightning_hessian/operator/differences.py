@@ -34,11 +34,11 @@ the best step is ``h⁵ = 360 u G / |T6| ~ 360 u L⁵``. Measured, the least err
 of ``(360 u)^(1/5) L``, so the step is ``u^(1/5) L / 2``, and the relative error about ``u^(4/5)``.
 
 # NOTE [Gradient differences leave the module alone]
-The two gradients are taken at new tensors ``θ ± h d`` made from the operator's saved copy of the
-parameters, which the loss closure puts in the module's slots for the call and takes out again
-(:class:`~lightning_hessian.state.TensorSlots`), as every product does: the module's own parameter
-tensors, buffers and ``.grad`` are never written, so nothing is restored by subtracting a step,
-and the closure's context restores modes, BatchNorm statistics and every random generator. Each
+The two gradients are taken at ``θ ± h d`` written into the operator's own tensors from its saved copy
+of the parameters (:mod:`.points`), which the loss closure puts in the module's slots for the call and
+takes out again (:class:`~lightning_hessian.state.TensorSlots`), as every product does: the module's
+own parameter tensors, buffers and ``.grad`` are never written, so nothing is restored by subtracting
+a step, and the closure's context restores modes, BatchNorm statistics and every random generator. Each
 gradient is a plain first-order backward (no ``create_graph``) through the module's own forward,
 with autocast off and the parameters' (or ``dtype=``'s) dtype, so any layer that trains
 can be differentiated, and the attention kernel is the module's own.

@@ -351,11 +351,14 @@ class HessianOperator:
         n = self.shape[0]
         if other.ndim not in (1, 2) or other.shape[0] != n:
             raise ValueError(f"Expected a tensor of shape [{n}] or [{n}, m], got {tuple(other.shape)}.")
-        with torch.inference_mode(False):
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self @ other
+        if other.dtype != self.dtype or other.device != self.device:
             other = other.to(device=self.device, dtype=self.dtype)
-            if other.is_inference():
-                other = other.clone()
-            return self.matvec(other) if other.ndim == 1 else self.matmat(other)
+        if other.is_inference():
+            other = other.clone()
+        return self.matvec(other) if other.ndim == 1 else self.matmat(other)
 
     def matvec(self, vector: Tensor) -> Tensor:
         """``H @ v`` for one vector ``[N]``.
@@ -444,10 +447,13 @@ class HessianOperator:
                     stacklevel=3,
                 )
                 self._selector.demote(support, targets)
-        for j in range(done, m):
-            self._kernels.products(
-                rows[j : j + 1], self.choice.vector, False, support, targets, out=out[j : j + 1]
-            )
+        if m == 1 and done == 0:  # one vector (a matvec): no slicing
+            self._kernels.products(rows, self.choice.vector, False, support, targets, out=out)
+        else:
+            for j in range(done, m):
+                self._kernels.products(
+                    rows[j : j + 1], self.choice.vector, False, support, targets, out=out[j : j + 1]
+                )
         self.num_matvecs += m
         return out
 

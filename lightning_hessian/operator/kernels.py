@@ -20,7 +20,7 @@ path uses to compute one triangle of the matrix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -32,12 +32,12 @@ from ..state import differentiable_context
 from .differences import (
     DIFFERENCE_METHODS,
     FINITE_DIFFERENCE,
-    RICHARDSON,
     difference_step,
     parameter_lengths,
 )
-from .graphs import GraphCache
+from .graphs import FirstOrderGraph, GraphCache
 from .kinks import FrozenKinks, KinkCache, KinkMismatch
+from .points import PerturbedPoint, Targets
 
 REVERSE = "reverse-over-reverse"
 FORWARD = "forward-over-reverse"
@@ -75,6 +75,7 @@ class ProductKernels:
         )
         #: The activation patterns at θ that gradient differences replay (NOTE [Frozen kinks]).
         self.kinks = KinkCache(closure, self.params)
+        self._perturbed: PerturbedPoint | None = None
 
     def products(
         self,
@@ -89,7 +90,8 @@ class ProductKernels:
         """Local weighted sum over batches of ``H_b @ rows[j]`` for each row ``j``.
 
         Each parameter's product is written straight into its columns of ``out`` (no concatenation,
-        no zero-filled accumulator), so ``out`` may be rows of a dense matrix.
+        no zero-filled accumulator), so ``out`` may be rows of a dense matrix; gradient differences
+        write each row's flat difference into its row.
 
         Args:
             rows: ``[m, N_support]`` vectors over the ``support`` parameters.
@@ -104,23 +106,21 @@ class ProductKernels:
         Returns:
             ``[m, N_targets]`` (``out`` when given).
         """
-        support = support or self.space.names
-        targets = targets or self.space.names
-        tangents = self.space.subspace(support).unflatten(rows)
-        target_space = self.space.subspace(targets)
-        m = rows.shape[0]
+        support = self.space.subspace(support or self.space.names).names  # in flat order
+        target_space = self.space.subspace(targets or self.space.names)
         if out is None:
-            out = torch.empty(m, target_space.numel, dtype=self.dtype, device=self.device)
-        columns = [out[:, piece] for piece in target_space.slices().values()]
-        if method not in DIFFERENCE_METHODS:
-            product = self._reverse if method == REVERSE else self._forward
-            self._accumulate(product, tangents, batched, target_space.names, columns)
+            out = torch.empty(rows.shape[0], target_space.numel, dtype=self.dtype, device=self.device)
+        if method in DIFFERENCE_METHODS:
+            targets = target_space.names
+            try:
+                self._differences(rows, method, support, targets, out, step_factor)
+            except KinkMismatch:  # freezing is off now: every row and batch again, unfrozen
+                self._differences(rows, method, support, targets, out, step_factor)
             return out
-        product = partial(self._difference, method=method, step_factor=step_factor)
-        try:
-            self._accumulate(product, tangents, batched, target_space.names, columns)
-        except KinkMismatch:  # freezing is off now: every batch again, unfrozen
-            self._accumulate(product, tangents, batched, target_space.names, columns)
+        tangents = self.space.subspace(support).unflatten(rows)
+        columns = [out[:, piece] for piece in target_space.slices().values()]
+        product = self._reverse if method == REVERSE else self._forward
+        self._accumulate(product, tangents, batched, target_space.names, columns)
         return out
 
     def _accumulate(
@@ -246,25 +246,16 @@ class ProductKernels:
         for i in range(len(self.closure.batches)):
             leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
             with self.closure.context():
-                grads = self._batch_gradient(i, leaves, leaves, self.closure.buffers())
+                grads = self._batch_gradient(i, leaves)
             total += self.closure.weight(i, self.num_samples) * torch.cat([g.reshape(-1) for g in grads])
         return total
 
-    def _batch_gradient(
-        self,
-        index: int,
-        values: Mapping[str, Tensor],
-        leaves: Mapping[str, Tensor],
-        fixed: Mapping[str, Tensor],
-        replay: FrozenKinks | None = None,
-    ) -> list[Tensor]:
-        """Batch ``index``'s gradient w.r.t. ``leaves`` with ``values`` and ``leaves`` swapped in, the
-        backward inside the swap (:meth:`LossClosure.evaluated`); zeros where the loss does not depend
-        on the leaves. Call inside the closure's context; ``replay`` is closed after the forward.
+    def _batch_gradient(self, index: int, leaves: Mapping[str, Tensor]) -> list[Tensor]:
+        """Batch ``index``'s gradient w.r.t. ``leaves`` swapped in, the backward inside the swap
+        (:meth:`LossClosure.evaluated`); zeros where the loss does not depend on the leaves. Call inside
+        the closure's context.
         """
-        with self.closure.evaluated({**values, **leaves}, index, fixed) as loss:
-            if replay is not None:
-                replay.close()
+        with self.closure.evaluated(leaves, index) as loss:
             if not loss.requires_grad:
                 return [torch.zeros_like(leaf) for leaf in leaves.values()]
             return list(
@@ -289,110 +280,179 @@ class ProductKernels:
         Returns:
             The gradients, in the order of ``multiples``, and ``h`` (per unit of ``row``).
         """
-        direction = self.space.subspace(support).unflatten(row)
-        norms = [float(t.norm()) for t in direction.values()]
-        step = difference_step(self.dtype, [self._lengths[n] for n in support], norms)
+        support = self.space.subspace(support).names  # in flat order, as the row's entries
+        targets = self.space.subspace(targets).names
+        step = difference_step(self.dtype, self._support_lengths(support), self._norms(row, support))
         try:
-            return self._gradients_along(direction, step, targets, multiples), step
+            return self._gradients_along(row, step, support, targets, multiples), step
         except KinkMismatch:  # freezing is off now: every gradient again, unfrozen
-            return self._gradients_along(direction, step, targets, multiples), step
+            return self._gradients_along(row, step, support, targets, multiples), step
 
     def _gradients_along(
         self,
-        direction: dict[str, Tensor],
+        row: Tensor,
         step: float,
+        support: tuple[str, ...],
         targets: tuple[str, ...],
         multiples: tuple[float, ...],
     ) -> list[Tensor]:
-        target_space = self.space.subspace(targets)
         cached = [self.graphs.kept(i) for i in range(len(self.closure.batches))]
-        totals = [torch.zeros(target_space.numel, dtype=self.dtype, device=self.device) for _ in multiples]
+        point = self._point(keep=False)
+        selected = point.targets(targets)
+        totals = [torch.zeros_like(selected.gradient) for _ in multiples]
         with self.closure.context(second_order=False):
             fixed = self.closure.buffers()
-            for i, graph in enumerate(cached):
-                weight = self.closure.weight(i, self.num_samples)
-                for total, multiple in zip(totals, multiples, strict=True):
-                    if multiple == 0 and graph is not None:
-                        kept = dict(zip(self.space.names, graph.grads, strict=True))
-                        pieces = [
-                            torch.zeros_like(self.params[n]) if kept[n] is None else kept[n] for n in targets
-                        ]
-                    else:
-                        pieces = self._gradient_at(i, direction, multiple * step, targets, fixed)
-                    total.add_(torch.cat([g.detach().reshape(-1) for g in pieces]), alpha=weight)
+            with self.closure.swapped(point.tensors, fixed):
+                for i, graph in enumerate(cached):
+                    weight = self.closure.weight(i, self.num_samples)
+                    for total, multiple in zip(totals, multiples, strict=True):
+                        if multiple == 0 and graph is not None:
+                            selected.store(self._kept_gradient(graph, targets))
+                        else:
+                            self._gradient_at(i, row, multiple * step, support, selected, fixed)
+                        total.add_(selected.gradient, alpha=weight)
         return totals
+
+    def _kept_gradient(self, graph: FirstOrderGraph, targets: tuple[str, ...]) -> list[Tensor]:
+        """The targets' gradient at ``θ`` from a batch's cached first-order graph (zeros where unused)."""
+        kept = dict(zip(self.space.names, graph.grads, strict=True))
+        return [torch.zeros_like(self.params[n]) if kept[n] is None else kept[n].detach() for n in targets]
+
+    def _differences(
+        self,
+        rows: Tensor,
+        method: str,
+        support: tuple[str, ...],
+        targets: tuple[str, ...],
+        out: Tensor,
+        step_factor: float,
+    ) -> None:
+        """Each row's weighted sum over batches of its gradient differences, into its row of ``out``
+        (NOTE [Step of gradient differences]); a zero row gives zeros.
+
+        The point's tensors stay in the module's slots for all of them (NOTE [Cost of gradient
+        differences]).
+        """
+        batches = range(len(self.closure.batches))
+        point = self._point()
+        selected = point.targets(targets)
+        with self.closure.context(second_order=False):
+            fixed = self.closure.buffers()
+            with self.closure.swapped(point.tensors, fixed):
+                for row, destination in zip(rows.unbind(), out.unbind(), strict=True):
+                    norms = self._norms(row, support)
+                    if not any(norms):
+                        destination.zero_()
+                        continue
+                    lengths = self._support_lengths(support)
+                    step = difference_step(self.dtype, lengths, norms, method) * step_factor
+                    for i in batches:
+                        weight = self.closure.weight(i, self.num_samples)
+                        difference = partial(self._difference, i, row, step, method, support, selected, fixed)
+                        if i > 0:
+                            destination.add_(difference(), alpha=weight)
+                        elif weight == 1.0:
+                            difference(out=destination)
+                        else:
+                            torch.mul(difference(), weight, out=destination)
 
     def _difference(
         self,
         index: int,
-        tangents: dict[str, Tensor],
-        batched: bool,
-        targets: tuple[str, ...],
-        *,
-        method: str = FINITE_DIFFERENCE,
-        step_factor: float = 1.0,
-    ) -> list[Tensor]:
-        """Batch ``index``'s gradient differences along each tangent (NOTE [Step of gradient differences]).
-
-        A zero tangent gives zeros.
+        row: Tensor,
+        step: float,
+        method: str,
+        support: tuple[str, ...],
+        targets: Targets,
+        fixed: Mapping[str, Tensor],
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Batch ``index``'s central difference along ``row`` ``[N_targets]``, or its Richardson form
+        ``(4 D(h/2) - D(h)) / 3``; into ``out`` when given.
         """
-        lengths = [self._lengths[n] for n in tangents]
-        rows = list(zip(*tangents.values(), strict=True))
-        columns: list[list[Tensor]] = [[] for _ in targets]
-        with self.closure.context(second_order=False):
-            fixed = self.closure.buffers()
-            for row in rows:
-                direction = dict(zip(tangents, row, strict=True))
-                row_norms = torch.stack(torch._foreach_norm(row)).tolist()
-                if not any(row_norms):
-                    pieces = [torch.zeros_like(self.params[n]) for n in targets]
-                elif method == RICHARDSON:
-                    step = difference_step(self.dtype, lengths, row_norms, method) * step_factor
-                    coarse = self._central(index, direction, step, targets, fixed)
-                    fine = self._central(index, direction, step / 2, targets, fixed)
-                    pieces = [(4 * f - c) / 3 for f, c in zip(fine, coarse, strict=True)]
-                else:
-                    step = difference_step(self.dtype, lengths, row_norms, method) * step_factor
-                    pieces = self._central(index, direction, step, targets, fixed)
-                for column, piece in zip(columns, pieces, strict=True):
-                    column.append(piece)
-        return [column[0].unsqueeze(0) if len(column) == 1 else torch.stack(column) for column in columns]
+        if method == FINITE_DIFFERENCE:
+            return self._central(index, row, step, support, targets, fixed, out)
+        coarse = self._central(index, row, step, support, targets, fixed)
+        fine = self._central(index, row, step / 2, support, targets, fixed)
+        return torch.div(4 * fine - coarse, 3, out=out)
 
     def _central(
         self,
         index: int,
-        direction: dict[str, Tensor],
+        row: Tensor,
         step: float,
-        targets: tuple[str, ...],
+        support: tuple[str, ...],
+        targets: Targets,
         fixed: Mapping[str, Tensor],
-    ) -> list[Tensor]:
-        """``(g(θ + step d) - g(θ - step d)) / (2 step)`` of batch ``index``, for the targets."""
-        plus = self._gradient_at(index, direction, step, targets, fixed)
-        minus = self._gradient_at(index, direction, -step, targets, fixed)
-        differences = torch._foreach_sub(plus, minus)
-        torch._foreach_div_(differences, 2 * step)
-        return differences
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """``(g(θ + step d) - g(θ - step d)) / (2 step)`` of batch ``index`` ``[N_targets]``, ``d`` being
+        ``row`` on the support; into ``out`` when given.
+        """
+        self._gradient_at(index, row, step, support, targets, fixed)
+        self._gradient_at(index, row, -step, support, targets, fixed, subtract=True)
+        return torch.div(targets.gradient, 2 * step, out=out)
 
     def _gradient_at(
         self,
         index: int,
-        direction: dict[str, Tensor],
+        row: Tensor,
         step: float,
-        targets: tuple[str, ...],
+        support: tuple[str, ...],
+        targets: Targets,
         fixed: Mapping[str, Tensor],
-    ) -> list[Tensor]:
-        """Batch ``index``'s gradient w.r.t. the targets at ``θ + step d`` (call inside the context).
+        subtract: bool = False,
+    ) -> None:
+        """Batch ``index``'s gradient w.r.t. the targets at ``θ + step d`` into ``targets.gradient``, or
+        subtracted from it (call with the point swapped in, inside the context).
 
-        ``θ + step d`` are new tensors; the saved ``θ`` and the module are never written (NOTE
-        [Gradient differences leave the module alone]). Only the targets require grad, so autograd
-        stops at the first layer that holds one. The forward replays the activation patterns at ``θ``
-        (NOTE [Frozen kinks]).
+        The point ``θ + step d`` is the operator's own tensor; the saved ``θ`` and the module are
+        never written (NOTE [Gradient differences leave the module alone]). Only the targets require
+        grad, so autograd stops at the first layer that holds one. The forward replays the activation
+        patterns at ``θ`` (NOTE [Frozen kinks]).
 
         Raises:
             KinkMismatch: If the forward did not follow the recorded patterns (freezing is off now).
         """
-        values = dict(self.params)
-        moved = torch._foreach_add([self.params[n] for n in direction], list(direction.values()), alpha=step)
-        values.update(zip(direction, moved, strict=True))
-        leaves = {n: values[n].detach().requires_grad_(True) for n in targets}
-        return self.kinks.run(index, fixed, partial(self._batch_gradient, index, values, leaves, fixed))
+        targets.point.move(row, step, support)
+        sink = targets.subtract if subtract else targets.store
+        self.kinks.run(index, fixed, partial(self._gradient_into, index, targets.leaves, sink))
+
+    def _gradient_into(
+        self,
+        index: int,
+        leaves: tuple[Tensor, ...],
+        sink: Callable[[Sequence[Tensor]], None],
+        replay: FrozenKinks | None,
+    ) -> None:
+        """Batch ``index``'s gradient w.r.t. ``leaves`` (zeros where the loss does not depend on them),
+        given to ``sink``; ``replay`` is closed after the forward.
+        """
+        loss = self.closure.module_loss(index)
+        if replay is not None:
+            replay.close()
+        if loss.requires_grad:
+            sink(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
+        else:
+            sink([torch.zeros_like(leaf) for leaf in leaves])
+
+    def _point(self, keep: bool = True) -> PerturbedPoint:
+        """The point of gradient differences (NOTE [Cost of gradient differences]): three tensors of
+        ``θ``'s size (``θ`` flat, the point's values, a gradient), made on first use and kept for the
+        products; ``keep=False`` (the referee's gradients) keeps no new one, so that an operator whose
+        products are exact holds none.
+        """
+        if self._perturbed is not None:
+            return self._perturbed
+        point = PerturbedPoint(self.space, self.space.flatten(self.params))
+        if keep:
+            self._perturbed = point
+        return point
+
+    def _norms(self, row: Tensor, support: tuple[str, ...]) -> list[float]:
+        """``||d_k||`` of ``row``'s part on each support tensor ``k`` (one reduction, one sync)."""
+        parts = row.split_with_sizes(self.space.subspace(support).sizes)
+        return torch.stack(torch._foreach_norm(parts)).tolist()
+
+    def _support_lengths(self, support: tuple[str, ...]) -> list[float]:
+        return [self._lengths[n] for n in support]

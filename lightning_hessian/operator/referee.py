@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..distributed import all_finite
 from .kernels import ProductKernels
 
 #: How much further from the gradient differences than their own spread a product must be to be wrong.
@@ -219,6 +220,6 @@ class Referee:
 
 
 def _finite(values: Tensor) -> Tensor:
-    if not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         raise RuntimeError("gradient differences are not finite")
     return values

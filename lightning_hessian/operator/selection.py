@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..batches import batch_signature
 from ..closure import LossClosure
+from ..distributed import all_finite
 from ..parameters import ROOT_MODULE_NAME, ParameterSpace, module_name_of
 from .differences import DIFFERENCE_METHODS, FINITE_DIFFERENCE, expected_error
 from .kernels import EXACT_METHODS, REVERSE, ProductKernels
@@ -392,7 +393,7 @@ class MethodSelector:
             except Exception as error:  # noqa: BLE001 - any failure disqualifies the method
                 self.choice.failures[name] = f"{type(error).__name__}: {error}"
                 continue
-            if bool(torch.isfinite(product).all()):
+            if all_finite(product):
                 results[name] = product
             else:
                 self.choice.failures[name] = "non-finite products"
@@ -471,7 +472,7 @@ class MethodSelector:
         for _ in range(rounds):
             alive = [name for name in alive if attempt(name)]
         for name in alive:
-            if not torch.isfinite(results[name]).all():
+            if not all_finite(results[name]):
                 self.choice.failures[name] = "non-finite products"
                 results.pop(name)
                 seconds.pop(name)

@@ -7,10 +7,10 @@ evaluation at the callback's monitoring defaults (``krylov="shared"``, ``tol=1e-
 
 - products and wall time, and the time in products (seconds / seconds of one bare product);
 - its peak RSS above the RSS before the evaluation, against the stated memory formula of
-  ``lightning_hessian.shared_space.check_basis_fits``: ``itemsize * N * (capacity + block + trace
-  probes)`` for the Krylov basis and its extra vectors, plus the operator's cached first-order graphs
-  (measured by the operator) and the workspace of the widest batched product (columns x (one graph's
-  saved tensors + 4 N-vectors)).
+  ``lightning_hessian.shared_space.check_basis_fits``: ``shared_space.peak_bytes`` for the Krylov
+  basis and the vectors around it, plus the operator's cached first-order graphs (measured by the
+  operator) and the workspace of the widest batched product (columns x (one graph's saved tensors +
+  4 N-vectors); the widest product is one block: the trace probes go in chunks of the block).
 
 Run::
 
@@ -33,7 +33,7 @@ import lightning_hessian as lh
 from lightning_hessian.analysis import analyze_with
 from lightning_hessian.memory import available_memory
 from lightning_hessian.settings import AnalysisSettings
-from lightning_hessian.shared_space import BASIS_MEMORY_SHARE, basis_capacity
+from lightning_hessian.shared_space import BASIS_MEMORY_SHARE, basis_capacity, peak_bytes
 
 MONITORING = {"krylov": "shared", "tol": 1e-3, "density_probes": 4, "density_steps": 32, "trace_matvecs": 16}
 
@@ -137,13 +137,13 @@ def main() -> None:
     evaluation = run_isolated(evaluate, args, setup=build, threads=args["threads"])
     if evaluation.error:
         raise SystemExit(evaluation.error)
-    block, probes = MONITORING["density_probes"], MONITORING["trace_matvecs"]
+    block = MONITORING["density_probes"]
     free = evaluation.result["free_bytes"]
     capacity = basis_capacity(
         n, block, MONITORING["density_steps"], torch.float32, int(BASIS_MEMORY_SHARE * free)
     )
-    basis = 4 * n * (capacity + block + probes)
-    columns = max(block, min(probes, product.result["chunk"]))  # most columns multiplied at once
+    basis = peak_bytes(n, capacity, block, 0, torch.float32)
+    columns = min(block, product.result["chunk"])  # most columns multiplied at once
     workspace = columns * (graph_bytes // args["batches"] + 4 * 4 * n)
     formula = basis + graph_bytes + workspace
     (first_seconds, first_done), (last_seconds, last_done) = (

@@ -63,6 +63,12 @@ def column_dots(op: Any, a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(0) if shards is None else shards.reduce_sum((a * b).sum(0))
 
 
+def column_sums(op: Any, x: Tensor) -> Tensor:
+    """``x.sum(0)``: the sum of each column of ``x`` ``[n, m]`` over all ``N`` rows."""
+    shards = shards_of(op)
+    return x.sum(0) if shards is None else shards.reduce_sum(x.sum(0))
+
+
 def total(op: Any, x: Tensor) -> Tensor:
     """``x.sum()``: the sum of all entries of ``x`` ``[n, ...]`` over all ``N`` rows (a 0-dim tensor)."""
     shards = shards_of(op)

@@ -80,27 +80,32 @@ class KrylovBasis:
         self.m = 0
         self.num_chains = 0
         self.num_matvecs = 0
+        self.num_restarts = 0
 
     # -- orthogonalization ------------------------------------------------------------------------
     def _project_out(self, block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Orthogonalize ``block`` ``[N, b]`` twice against the basis and the pending vectors.
+        """Orthogonalize ``block`` ``[N, b]`` twice against the basis and the pending vectors, in place.
+
+        ``block`` is overwritten (it must be a tensor of the caller's own); each pass subtracts the
+        projection with one ``addmm_``, so no ``[N, b]`` temporary is made, and the pending vectors
+        are taken one at a time rather than stacked into a copy.
 
         Returns:
-            ``(remainder, basis_coefficients [m, b], pending_coefficients [p, b])`` (float64).
+            ``(block, basis_coefficients [m, b], pending_coefficients [p, b])`` (float64).
         """
         q = self.basis[:, : self.m]
-        p = torch.stack([item.vec for item in self.pending], 1) if self.pending else None
         cq = torch.zeros(self.m, block.shape[1], dtype=torch.float64, device=self.device)
         cp = torch.zeros(len(self.pending), block.shape[1], dtype=torch.float64, device=self.device)
         for _ in range(2):
             if self.m:
                 c = inner(self.op, q, block)
-                block = block - q @ c
+                block.addmm_(q, c, alpha=-1)
                 cq += c.double()
-            if p is not None:
-                c = inner(self.op, p, block)
-                block = block - p @ c
-                cp += c.double()
+            for r, item in enumerate(self.pending):
+                vec = item.vec[:, None]
+                c = inner(self.op, vec, block)
+                block.addmm_(vec, c, alpha=-1)
+                cp[r] += c[0].double()
         return block, cq, cp
 
     def inject(self) -> bool:
@@ -124,34 +129,40 @@ class KrylovBasis:
         for j in range(vectors.shape[1]):
             if self.m + len(self.pending) >= self.n:
                 break
-            z = vectors[:, j : j + 1].to(self.dtype)
+            z = vectors[:, j : j + 1].to(self.dtype, copy=True)  # projected in place
             norm0 = float(norm(self.op, z))
             z, _, _ = self._project_out(z)
             length = float(norm(self.op, z))
             if not length > 10 * self.eps * math.sqrt(self.m + len(self.pending) + 1) * norm0:
                 continue
             coupling = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
-            self.pending.append(Pending(z[:, 0] / length, coupling, self.num_chains))
+            self.pending.append(Pending(z[:, 0].div_(length), coupling, self.num_chains))
             self.num_chains += 1
             kept += 1
         return kept
 
     # -- one (block) Lanczos step -----------------------------------------------------------------
     def step(self, indices: list[int]) -> None:
-        """Move the pending vectors at ``indices`` into the basis and multiply them by ``A``."""
+        """Move the pending vectors at ``indices`` into the basis and multiply them by ``A``.
+
+        Memory: besides the basis and the pending vectors, at most two ``[N, b]`` blocks at once (the
+        contiguous copy of the new columns with their product, then the product with the new
+        residual directions); the moved pending vectors are released once copied into the basis.
+        """
         taken = set(indices)
         chosen = [self.pending[i] for i in indices]
         self.pending = [item for i, item in enumerate(self.pending) if i not in taken]
         m0, b = self.m, len(chosen)
         m1 = m0 + b
-        for j, item in enumerate(chosen):
-            self.basis[:, m0 + j] = item.vec
-            self.proj[m0 + j, :m0] = item.coupling[:m0]
-            self.chain_of[m0 + j] = item.chain
+        chains = [item.chain for item in chosen]
+        self._append(chosen)
+        del chosen  # the basis holds them now: their vectors are released
         self.m = m1
         # A single vector goes as a contiguous [N] vector: operators multiply those fastest.
         block = self.basis[:, m0] if b == 1 else self.basis[:, m0:m1]
         products = (self.op @ block.contiguous()).to(self.dtype).reshape(self.rows, b)
+        if not products.is_contiguous() or products.untyped_storage().data_ptr() == self.basis.data_ptr():
+            products = products.clone()  # an operator that returned a view: project a copy in place
         self.num_matvecs += b
         norms = column_norms(self.op, products).double()
         residual, cq, cp = self._project_out(products)
@@ -164,18 +175,26 @@ class KrylovBasis:
         self.proj[m0:m1, m0:m1] = 0.5 * (diag + diag.T)
         for r, item in enumerate(self.pending):
             item.coupling[m0:m1] = cp[r]
-        self._add_residuals(residual, norms, m0, [item.chain for item in chosen])
+        self._add_residuals(residual, norms, m0, chains)
+
+    def _append(self, chosen: list[Pending]) -> None:
+        """Copy the pending vectors ``chosen`` into the basis columns from ``m`` on, with their couplings."""
+        m0 = self.m
+        for j, item in enumerate(chosen):
+            self.basis[:, m0 + j] = item.vec
+            self.proj[m0 + j, :m0] = item.coupling[:m0]
+            self.chain_of[m0 + j] = item.chain
 
     def _add_residuals(self, residual: Tensor, norms: Tensor, m0: int, chains: list[int]) -> None:
-        """Orthonormalize the new residual columns among themselves, dropping negligible ones."""
+        """Orthonormalize the new residual columns among themselves (in place), dropping negligible ones."""
         accepted: list[Pending] = []
         for j in range(residual.shape[1]):
             w = residual[:, j]
             for _ in range(2):
                 for item in accepted:
-                    c = dot(self.op, item.vec, w)
-                    w = w - c * item.vec
-                    item.coupling[m0 + j] += float(c)
+                    c = float(dot(self.op, item.vec, w))
+                    w.add_(item.vec, alpha=-c)
+                    item.coupling[m0 + j] += c
             beta = float(norm(self.op, w))
             if beta <= 10 * self.eps * math.sqrt(self.m + 1) * float(norms[j]) or beta == 0.0:
                 continue  # A q_j lies in the span: deflate this direction
@@ -228,20 +247,35 @@ class KrylovBasis:
     def vectors(self, coords: Tensor) -> Tensor:
         """Unit Ritz vectors ``Q y`` for the coordinate columns ``coords``."""
         x = self.basis[:, : self.m] @ coords.to(self.dtype)
-        return x / column_norms(self.op, x, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
+        return x.div_(column_norms(self.op, x, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny))
 
-    def restart(self, keep: Tensor, ritz: Ritz) -> None:
-        """Thick restart: keep only the Ritz vectors ``keep`` (indices into ``ritz``)."""
+    def restart(self, keep: Tensor, ritz: Ritz, workspace_columns: int = 1) -> None:
+        """Thick restart: keep only the Ritz vectors ``keep`` (indices into ``ritz``).
+
+        The basis becomes ``Q Y`` (``Y`` the kept coordinates), computed in place a slab of rows at a
+        time (row ``i`` of ``Q Y`` needs only row ``i`` of ``Q``), so the temporary is at most
+        ``workspace_columns`` basis columns' worth of memory. The projection becomes the diagonal of
+        the kept Ritz values and the pending couplings become ``C Y``, so ``A Q = Q H + P C`` still
+        holds (the Krylov-Schur form).
+
+        Args:
+            keep: Indices into ``ritz`` of the Ritz pairs to keep.
+            ritz: The current Ritz pairs (:meth:`ritz`).
+            workspace_columns: Memory allowed for the temporary, in basis columns.
+        """
         coords = ritz.coords[:, keep]
         r = coords.shape[1]
-        kept = self.basis[:, : self.m] @ coords.to(self.dtype)
         chain_ids = torch.tensor(self.chain_of[: self.m], device=self.device)
         owners = []
         for col in range(r):
             mass = coords[:, col].pow(2)
             ids = chain_ids.unique()
             owners.append(int(ids[torch.stack([mass[chain_ids == i].sum() for i in ids]).argmax()]))
-        self.basis[:, :r] = kept
+        y = coords.to(self.dtype)
+        slab = max(1, (self.rows * max(1, workspace_columns)) // max(1, r))
+        for first in range(0, self.rows, slab):
+            rows = slice(first, min(self.rows, first + slab))
+            self.basis[rows, :r] = self.basis[rows, : self.m] @ y
         self.proj.zero_()
         self.proj[:r, :r] = torch.diag(ritz.values[keep])
         for item in self.pending:
@@ -250,3 +284,4 @@ class KrylovBasis:
             item.coupling[:r] = c
         self.chain_of = owners + [-1] * (self.capacity - r)
         self.m = r
+        self.num_restarts += 1

@@ -29,15 +29,16 @@ certificate) and the three readers share the basis and its memory check, so they
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .contractions import column_dots, column_norms, inner, local_rows, random_signs
+from .contractions import column_norms, column_sums, inner, local_rows, random_signs
 from .errors import HessianTooLargeError
 from .krylov import KrylovBasis, Ritz
-from .lanczos import chebyshev_certifies
+from .lanczos import HessianConvergenceWarning, chebyshev_certifies
 from .linear_operator import SymmetricOperator, operator_size
 from .memory import GIB, available_memory
 from .probes import make_generator, rademacher  # noqa: F401 - the probes' source, as tests import it
@@ -50,6 +51,15 @@ BASIS_MEMORY_SHARE = 0.25
 BASIS_BYTES = 2**30
 #: Fewest block steps when a density is wanted (its resolution grows with the steps).
 MIN_DENSITY_STEPS = 8
+MIB = 1024**2
+#: Working vectors of a run besides the basis, in start blocks (see :func:`peak_bytes`).
+STEP_BLOCKS = 2
+#: float64 ``capacity x capacity`` matrices of a run (see :func:`peak_bytes`).
+PROJECTION_MATRICES = 4
+#: Allowance for the heap the C allocator keeps from freed working vectors, in start blocks.
+HEAP_BLOCKS = 2
+#: Allowance for the runtime's own growth on a first run (BLAS/LAPACK and thread start-up).
+RUNTIME_BYTES = 32 * MIB
 
 
 @dataclass
@@ -103,28 +113,118 @@ def basis_capacity(
     return max(2 * block, min(n, block * max_steps, by_memory))
 
 
-def check_basis_fits(n: int, capacity: int, extra: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before allocating, a basis that does not fit in the device's free memory.
+def peak_bytes(rows: int, capacity: int, block: int, returned: int, dtype: torch.dtype) -> int:
+    """Peak memory of a shared-space run besides the operator's own: what :func:`check_basis_fits` checks.
 
-    Peak memory of a shared-space run: ``itemsize * N * (capacity + extra)`` for the basis,
-    ``capacity = min(N, block * max_steps, max_basis_bytes / (itemsize * N))`` columns, and ``extra``
-    columns (the start block and the trace probes); plus the operator's own memory: its cached
-    first-order graphs and, while it multiplies ``c`` columns at once, about ``c`` times (one graph's
-    saved tensors + ``4 N itemsize``) of workspace (``HessianOperator.chunk_columns`` keeps that
-    under a quarter of free memory).
+    ``itemsize * rows * (capacity + (STEP_BLOCKS + HEAP_BLOCKS) * block + returned)
+    + 8 * PROJECTION_MATRICES * capacity**2 + RUNTIME_BYTES``. The tensors:
+
+    - ``capacity`` basis columns;
+    - ``STEP_BLOCKS * block`` working columns: at the start, the probes and the pending vectors made
+      from them; in a step, the contiguous copy of the new columns and their product, then the
+      product (projected in place) and the new pending vectors; in the trace, one chunk of at most
+      ``block`` Hutchinson probes and its product (the chunks bound the trace's memory, so
+      ``trace_probes`` does not enter);
+    - ``returned`` Ritz vectors handed back (``top_k`` with ``return_vectors``, plus
+      ``keep_vectors``);
+    - float64 ``capacity x capacity`` matrices: the projection, and the Ritz coordinates with the
+      eigensolver's copy and workspace.
+
+    And what the process adds around them, measured as peak RSS growth: the heap the C allocator
+    keeps from freed working vectors (glibc's malloc, whose threshold for returning memory rises
+    with the sizes freed; ``HEAP_BLOCKS * block`` columns) and the runtime's growth on its first run
+    (``RUNTIME_BYTES``). ``benchmarks/basis_memory.py`` measures the whole against the peak RSS growth
+    of a fresh process, and the tests the tensors against the bytes PyTorch's allocator holds at the
+    peak.
+
+    Args:
+        rows: Rows of a basis vector on this process (``N``, or a sharded operator's local size).
+        capacity: Basis columns (:func:`basis_capacity`).
+        block: Start columns (probes plus warm-start vectors).
+        returned: Ritz vectors returned.
+        dtype: Basis dtype.
+
+    Returns:
+        Bytes.
+    """
+    return tensor_bytes(rows, capacity, block, returned, dtype) + (
+        _itemsize(dtype) * rows * HEAP_BLOCKS * block + RUNTIME_BYTES
+    )
+
+
+def tensor_bytes(rows: int, capacity: int, block: int, returned: int, dtype: torch.dtype) -> int:
+    """The tensors of :func:`peak_bytes` alone: the most bytes a run's tensors hold at once.
+
+    Args:
+        rows: Rows of a basis vector on this process.
+        capacity: Basis columns.
+        block: Start columns (probes plus warm-start vectors).
+        returned: Ritz vectors returned.
+        dtype: Basis dtype.
+
+    Returns:
+        ``itemsize * rows * (capacity + STEP_BLOCKS * block + returned) + 8 * PROJECTION_MATRICES *
+        capacity**2``.
+    """
+    vectors = _itemsize(dtype) * rows * (capacity + STEP_BLOCKS * block + returned)
+    return vectors + 8 * PROJECTION_MATRICES * capacity**2
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _size(nbytes: float) -> str:
+    """``nbytes`` in GB from 1 GB on, in MB from 1 MB on, in kB below (binary units)."""
+    if nbytes >= GIB:
+        return f"{nbytes / GIB:.2f} GB"
+    return f"{nbytes / MIB:.2f} MB" if nbytes >= MIB else f"{nbytes / 1024:.1f} kB"
+
+
+def check_basis_fits(
+    rows: int, capacity: int, block: int, returned: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Refuse, before allocating, a run that does not fit in the device's free memory.
+
+    The run needs :func:`peak_bytes`, plus the operator's own memory: its cached first-order graphs
+    and, while it multiplies ``c`` columns at once, about ``c`` times (one graph's saved tensors +
+    ``4 N itemsize``) of workspace (``HessianOperator.chunk_columns`` keeps that under a quarter of
+    free memory).
+
+    Args:
+        rows: Rows of a basis vector on this process.
+        capacity: Basis columns.
+        block: Start columns (probes plus warm-start vectors).
+        returned: Ritz vectors returned.
+        dtype: Basis dtype.
+        device: The device.
 
     Raises:
-        HessianTooLargeError: Naming the sizes and the settings that shrink them.
+        HessianTooLargeError: Naming the sizes and, first, the settings that shrink them: the basis is
+            already capped at a share of free memory, so what does not fit is the rest.
     """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    needed = itemsize * n * (capacity + extra)
+    needed = peak_bytes(rows, capacity, block, returned, dtype)
     free = available_memory(device)
-    if free is not None and needed > free:
-        raise HessianTooLargeError(
-            f"The Krylov basis needs {needed / GIB:.2f} GB ({n} parameters x {capacity + extra} vectors, "
-            f"{dtype}) but {device} has {free / GIB:.2f} GB free. Lower `density_steps` or "
-            "`density_probes`, select fewer parameters with `params=`, or split them with `blocks=`."
-        )
+    if free is None or needed <= free:
+        return
+    per_start = STEP_BLOCKS + HEAP_BLOCKS + 2
+    ways = [
+        f"lower `density_probes` (`num_probes`; {block} start vector(s) here, with warm-start vectors): "
+        f"each costs {per_start} vectors of {_size(_itemsize(dtype) * rows)} ({STEP_BLOCKS + HEAP_BLOCKS} "
+        "working, 2 in the smallest basis)"
+    ]
+    if returned:
+        ways.append(f"return fewer Ritz vectors (`keep_vectors`, `eigenvectors`: {returned} here)")
+    ways.append("select fewer parameters with `params=`, or split them with `blocks=`")
+    raise HessianTooLargeError(
+        f"The shared Krylov space needs {_size(needed)} ({rows} parameters x ({capacity} basis + "
+        f"{(STEP_BLOCKS + HEAP_BLOCKS) * block} working + {returned} returned) vectors, {dtype}; "
+        f"{_size(8 * PROJECTION_MATRICES * capacity**2)} of float64 projections; {_size(RUNTIME_BYTES)} "
+        f"for the runtime) but {device} has {_size(free)} free. The basis is already capped at "
+        f"{BASIS_MEMORY_SHARE:.0%} of free memory (`max_basis_bytes`), so `density_steps` changes "
+        f"little and `trace_matvecs` nothing (its probes run in chunks of the block). To fit: "
+        f"{'; '.join(ways)}."
+    )
 
 
 def _wanted(ritz: Ritz, k: int, smallest: bool) -> tuple[Tensor, Tensor]:
@@ -168,6 +268,7 @@ def _grow(
     min_steps: int,
     max_steps: int,
     reserve: int = 0,
+    restart: bool = False,
 ) -> int:
     """Multiply every pending vector, one step at a time, until the wanted Ritz pairs converge.
 
@@ -179,14 +280,19 @@ def _grow(
         min_steps: Fewest steps before the convergence check may stop the run.
         max_steps: Most steps.
         reserve: Basis columns to leave free.
+        restart: When the next step would not fit, thick-restart the basis (:func:`_restart`)
+            instead of stopping (only where no density is wanted: the quadrature needs the
+            unrestarted block Krylov space of its probes).
 
     Returns:
-        The steps taken; the run also stops when no vector is pending or the basis is full.
+        The steps taken; the run also stops when no vector is pending or the basis is full (and
+        cannot restart).
     """
     steps = 0
-    while (
-        krylov.pending and steps < max_steps and krylov.m + len(krylov.pending) <= krylov.capacity - reserve
-    ):
+    while krylov.pending and steps < max_steps:
+        full = krylov.m + len(krylov.pending) > krylov.capacity - reserve
+        if full and not (restart and _restart(krylov, top_k, smallest)):
+            break
         krylov.step(list(range(len(krylov.pending))))
         steps += 1
         if steps >= min_steps and _all_converged(krylov, top_k, smallest, tol):
@@ -194,14 +300,49 @@ def _grow(
     return steps
 
 
+def _restart(krylov: KrylovBasis, top_k: int, smallest: bool) -> bool:
+    """Thick restart keeping the Ritz vectors at both ends, to make room for the next steps.
+
+    Keeps the top ``top_k`` Ritz vectors and the smallest one (wanted, or kept so that the spectral
+    scale ``max |θ|`` of the tolerance does not drop), plus half of the remaining room, from the top
+    (split evenly with the bottom when the smallest eigenvalue is wanted): the Ritz vectors next to
+    the wanted ones speed their convergence, as in thick-restart Lanczos. The pending block stays, so
+    the block steps go on from the compressed basis (Krylov-Schur).
+
+    Returns:
+        False when the wanted vectors and the pending block alone fill the basis: nothing to restart.
+    """
+    ritz = krylov.ritz()
+    pending, count = len(krylov.pending), ritz.values.shape[0]
+    wanted = min(top_k, count - 1) + 1
+    if wanted + pending > krylov.capacity or wanted >= count:
+        return False
+    extras = (krylov.capacity - pending - wanted) // 2
+    low = 1 + (extras // 2 if smallest else 0)
+    high = wanted - 1 + extras - (low - 1)
+    keep = torch.cat(
+        [
+            torch.arange(low, device=ritz.values.device),
+            torch.arange(count - high, count, device=ritz.values.device),
+        ]
+    )
+    krylov.restart(keep, ritz, workspace_columns=max(1, pending))
+    return True
+
+
 def _mixed_start(op: SymmetricOperator, probe: Tensor, vectors: Tensor) -> Tensor:
-    """The chain's start ``v / ||v|| + z / ||z||``, ``v`` the sum of the unit warm vectors, ``z`` a probe."""
+    """The chain's start ``v / ||v|| + z / ||z||``, ``v`` the sum of the unit warm vectors, ``z`` a probe.
+
+    The warm vectors are summed one at a time (in the probe's dtype), so no copy of them is made.
+    """
     tiny = torch.finfo(probe.dtype).tiny
-    unit = vectors / column_norms(op, vectors, keepdim=True).clamp_min(tiny)
-    combined = unit.sum(dim=1, keepdim=True)
+    norms = column_norms(op, vectors).clamp_min(tiny)
+    combined = torch.zeros_like(probe)
+    for j in range(vectors.shape[1]):
+        combined.add_(vectors[:, j : j + 1].to(probe.dtype), alpha=1.0 / float(norms[j]))
     length = float(column_norms(op, combined).max()) if vectors.shape[1] else 0.0
     start = probe / column_norms(op, probe, keepdim=True).clamp_min(tiny)
-    return start + combined / length if length > 0 else start
+    return start.add_(combined, alpha=1.0 / length) if length > 0 else start
 
 
 def _settle(krylov: KrylovBasis, top_k: int, smallest: bool, tol: float) -> int:
@@ -252,7 +393,6 @@ def _probe_certified(krylov: KrylovBasis, chain: int, top_k: int, tol: float) ->
 
 def _warm_chain(
     krylov: KrylovBasis,
-    probe: Tensor,
     vectors: Tensor,
     top_k: int,
     smallest: bool,
@@ -294,9 +434,9 @@ def _warm_chain(
     products of the cold block of 4 probes (``benchmarks/callback_overhead.py --only affordable``).
 
     Args:
-        krylov: The empty basis, with room for at least ``w + 2`` columns.
-        probe: ``[N, 1]`` random probe.
-        vectors: ``[N, w]`` warm vectors (in the basis dtype).
+        krylov: The empty basis, with room for at least ``w + 2`` columns; its generator draws the
+            ``[N, 1]`` random probe (here, so that it is released once the chain has started).
+        vectors: ``[N, w]`` warm vectors (cast to the basis dtype a column at a time).
         top_k: Largest eigenvalues wanted.
         smallest: Whether the smallest eigenvalue is wanted too.
         tol: Relative residual tolerance.
@@ -306,7 +446,9 @@ def _warm_chain(
         Steps taken (one product each in the chain; one step of the warm vectors; then block steps).
     """
     chain = krylov.num_chains
+    probe = random_signs(krylov.op, krylov.n, 1, krylov.generator, krylov.dtype, krylov.device)
     krylov.start(_mixed_start(krylov.op, probe, vectors))
+    del probe
     steps = _grow(krylov, top_k, smallest, tol, min_steps, krylov.capacity, reserve=vectors.shape[1])
     first = krylov.num_chains
     if krylov.start(vectors):
@@ -322,19 +464,29 @@ def _warm_chain(
 
 
 def _trace(
-    op: SymmetricOperator, krylov: KrylovBasis, probes: int, generator: torch.Generator
+    op: SymmetricOperator, krylov: KrylovBasis, probes: int, chunk: int, generator: torch.Generator
 ) -> TraceResult:
-    """``tr(H)`` plus Hutchinson on the deflated remainder, with its standard error."""
+    """``tr(H)`` plus Hutchinson on the deflated remainder, with its standard error.
+
+    The probes are drawn, projected and multiplied ``chunk`` at a time, each chunk projected in place
+    and multiplied into its product in place, so the trace holds at most two ``[N, chunk]`` blocks
+    whatever ``probes`` is (:func:`peak_bytes`).
+    """
     exact = float(krylov.proj[: krylov.m, : krylov.m].diagonal().sum())
     if krylov.m >= krylov.n or probes == 0:
         return TraceResult(exact, 0.0, 0, "krylov-aware")
     q = krylov.basis[:, : krylov.m]
-    g = random_signs(op, krylov.n, probes, generator, krylov.dtype, krylov.device)
-    for _ in range(2):  # twice, as the basis itself: the remainder must be orthogonal to Q
-        g = g - q @ inner(op, q, g)
-    samples = column_dots(op, g, (op @ g).to(krylov.dtype)).double()
-    stderr = float(samples.std(unbiased=True)) / math.sqrt(probes) if probes > 1 else float("nan")
-    return TraceResult(exact + float(samples.mean()), stderr, probes, "krylov-aware")
+    samples = []
+    for first in range(0, probes, chunk):
+        g = random_signs(op, krylov.n, min(chunk, probes - first), generator, krylov.dtype, krylov.device)
+        for _ in range(2):  # twice, as the basis itself: the remainder must be orthogonal to Q
+            g.addmm_(q, inner(op, q, g), alpha=-1)
+        product = (op @ g).to(krylov.dtype)
+        samples.append(column_sums(op, g.mul_(product)).double())  # g_j^T A g_j, in g's memory
+        del g, product
+    values = torch.cat(samples)
+    stderr = float(values.std(unbiased=True)) / math.sqrt(probes) if probes > 1 else float("nan")
+    return TraceResult(exact + float(values.mean()), stderr, probes, "krylov-aware")
 
 
 def shared_space_estimates(
@@ -417,24 +569,29 @@ def shared_space_estimates(
         # eigenvalues and the Krylov-aware trace (exact on the space, Hutchinson on the rest) hold
         # for any start. One probe goes beside the warm vectors (NOTE [Warm start without density]).
         num_probes = 1
-    probes = random_signs(op, n, num_probes, generator, dtype, op.device)
-    start = probes if start_vectors is None else torch.cat([probes, start_vectors.to(probes)], dim=1)
-    block = start.shape[1]
+    warm = None if start_vectors is None else start_vectors.to(device=op.device)  # cast per column
+    block = num_probes + (0 if warm is None else warm.shape[1])
     if max_basis_bytes is None:
         free = available_memory(op.device)
         max_basis_bytes = BASIS_BYTES if free is None else int(BASIS_MEMORY_SHARE * free)
     capacity = basis_capacity(n, block, max_steps, dtype, max_basis_bytes, rows)
-    check_basis_fits(rows, capacity, block + trace_probes, dtype, torch.device(op.device))
+    returned = min(capacity, (top_k if return_vectors else 0) + keep_vectors)
+    check_basis_fits(rows, capacity, block, returned, dtype, torch.device(op.device))
     krylov = KrylovBasis(op, n, capacity, generator)
-    if start_vectors is not None and not density:
+    if warm is not None and not density:
         kept_probes = 0
-        steps = _warm_chain(krylov, probes, start_vectors.to(probes), top_k, min_eigenvalue, tol, min_steps)
-    else:
-        kept_probes = krylov.start(probes)
-        if start_vectors is not None:
-            krylov.start(start_vectors.to(probes))
-        steps = _grow(krylov, top_k, min_eigenvalue, tol, min_steps, max_steps)
+        steps = _warm_chain(krylov, warm, top_k, min_eigenvalue, tol, min_steps)
+    else:  # the probes, drawn here, live only as long as `start` (the pending vectors hold them then)
+        kept_probes = krylov.start(random_signs(op, n, num_probes, generator, dtype, op.device))
+        if warm is not None:
+            krylov.start(warm)
+        steps = _grow(krylov, top_k, min_eigenvalue, tol, min_steps, max_steps, restart=not density)
     ritz = krylov.ritz()
+    if capacity < min(n, block * max_steps):  # memory, not max_steps, bounded the basis
+        shortfall = _shortfall(ritz, steps, top_k, min_eigenvalue, tol, min_steps if density else 0)
+        if shortfall:
+            _warn_capped(krylov, shortfall, block, max_steps, density)
+    krylov.pending = []  # the Ritz pairs are read: the residual directions are not needed any more
     top, low = _wanted(ritz, min(top_k, ritz.values.shape[0]), min_eigenvalue)
     used = krylov.num_matvecs
     eigen = _eigen(ritz, top, tol, "largest", used) if top_k else None
@@ -447,10 +604,53 @@ def shared_space_estimates(
         quadrature = SpectralDensity(
             ritz.values.cpu(), (weights / weights.sum()).cpu(), used, num_probes, exact=krylov.m >= n
         )
-    trace_result = _trace(op, krylov, trace_probes, generator) if trace else None
+    trace_result = _trace(op, krylov, trace_probes, block, generator) if trace else None
     vectors = None
     if keep_vectors:
         count = min(keep_vectors, ritz.values.shape[0])
         vectors = krylov.vectors(ritz.coords[:, ritz.values.shape[0] - count :].flip(1))
     total = used + (trace_result.num_matvecs if trace_result is not None else 0)
     return SharedSpaceResult(eigen, smallest, quadrature, trace_result, vectors, total, steps)
+
+
+def _shortfall(
+    ritz: Ritz, steps: int, top_k: int, smallest: bool, tol: float, density_steps: int
+) -> list[str]:
+    """What a run missed: wanted eigenvalues unconverged, or fewer than ``density_steps`` steps."""
+    top, low = _wanted(ritz, min(top_k, ritz.values.shape[0]), smallest)
+    missing = int((~_converged(ritz, torch.cat([top, low]), tol)).sum()) + max(0, top_k - top.numel())
+    short = []
+    if missing:
+        short.append(f"{missing} of {top_k + int(smallest)} wanted eigenvalue(s) unconverged")
+    if steps < density_steps:
+        short.append(f"{steps} block steps, below the density's min_steps={density_steps}")
+    return short
+
+
+def _warn_capped(
+    krylov: KrylovBasis, shortfall: list[str], block: int, max_steps: int, density: bool
+) -> None:
+    """Warn that the memory cap on the basis left the run short, naming what to change."""
+    if density:
+        how = (
+            "A density cannot restart (its quadrature needs the whole block Krylov space of its probes): "
+            "raise `max_basis_bytes`, lower `num_probes` (`density_probes`), or select fewer parameters "
+            "(`params=`, `blocks=`); without a density the run restarts within the cap."
+        )
+    elif krylov.num_restarts:
+        how = (
+            f"It restarted {krylov.num_restarts} time(s) within the cap, keeping the wanted Ritz vectors: "
+            "raise `max_steps` (`density_steps`) or `max_basis_bytes`."
+        )
+    else:
+        how = (
+            "The basis could not restart (a warm start without density does not; or the wanted vectors "
+            "and one block fill it): raise `max_basis_bytes`, or select fewer parameters."
+        )
+    warnings.warn(
+        f"shared_space_estimates: the Krylov basis was capped at {krylov.capacity} columns by memory "
+        f"(`max_basis_bytes`, by default {BASIS_MEMORY_SHARE:.0%} of free memory) instead of "
+        f"{block} x max_steps={max_steps}; the run ended with {' and '.join(shortfall)}. {how}",
+        HessianConvergenceWarning,
+        stacklevel=3,
+    )

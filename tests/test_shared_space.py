@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 import lightning_hessian.shared_space as shared_space
 from lightning_hessian.errors import HessianTooLargeError
+from lightning_hessian.lanczos import HessianConvergenceWarning
 from lightning_hessian.linear_operator import MatrixOperator
 from lightning_hessian.shared_space import shared_space_estimates
 from tests.spectra import with_spectrum
@@ -205,15 +207,208 @@ def test_a_warm_start_keeps_the_copies_of_a_repeated_eigenvalue_that_its_vectors
         torch.testing.assert_close(result.eigenvalues.values, exact, rtol=0, atol=tol * float(exact[0]))
 
 
-def test_a_basis_that_cannot_fit_is_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(shared_space, "available_memory", lambda device: 1000)
+class Diagonal:
+    """``diag(d)``: a product allocates only its result, so a run's memory is the estimator's own."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        self.d = d
+        self.shape, self.dtype, self.device = (d.shape[0], d.shape[0]), d.dtype, d.device
+
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self.d * other if other.ndim == 1 else self.d[:, None] * other
+
+
+def allocator_peak(fn) -> int:
+    """Most bytes PyTorch's CPU allocator held at once while ``fn`` ran, above what it held before."""
+    profiler = pytest.importorskip("torch._C._profiler", reason="torch's profiler event tree")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes = []
+
+    def walk(event) -> None:
+        if event.tag == profiler._EventType.Allocation:
+            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
+        for child in event.children:
+            walk(child)
+
+    for event in prof.profiler.kineto_results.experimental_event_tree():
+        walk(event)
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    assert sizes, "the profiler recorded no allocation"
+    return peak
+
+
+N_MEMORY = 20_000
+WARM = torch.linalg.qr(torch.randn(N_MEMORY, 3, generator=torch.Generator().manual_seed(0)))[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"trace_probes": 0},
+        {"trace_probes": 64},  # the probes go in chunks of the block: no more memory than 0
+        {"trace_probes": 16, "return_vectors": True, "keep_vectors": 5},
+        {"density": False, "trace_probes": 16, "max_basis_bytes": 4 * N_MEMORY * 20},  # restarts
+        {"density": False, "min_eigenvalue": False, "start_vectors": WARM},  # the warm chain
+        {"start_vectors": WARM.double()},  # beside the probes, cast a column at a time
+    ],
+    ids=["density", "64-trace-probes", "returned-vectors", "capped-restarts", "warm-chain", "warm-block"],
+)
+def test_the_formula_bounds_what_the_allocator_holds_at_the_peak(kwargs):
+    """The tensors of the formula ``check_basis_fits`` refuses by, against the bytes of the tensors
+    alive at the peak (the old ``capacity + block + trace probes`` columns fell short by 20 to 200
+    columns' worth at N = 1e6: benchmarks/basis_memory.py --tensors)."""
+    op = Diagonal(torch.linspace(-0.1, 1.0, N_MEMORY))
+    settings = {"num_probes": 4, "max_steps": 32, "tol": 1e-12, "top_k": 3, "seed": 0, **kwargs}
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HessianConvergenceWarning)  # the capped run is cut short
+        peak = allocator_peak(lambda: results.append(shared_space_estimates(op, **settings)))
+    warm = kwargs.get("start_vectors")
+    probes = 1 if warm is not None and kwargs.get("density") is False else 4
+    block = probes + (0 if warm is None else warm.shape[1])
+    capacity = shared_space.basis_capacity(
+        N_MEMORY, block, 32, torch.float32, kwargs.get("max_basis_bytes", 2**40)
+    )
+    returned = (3 if kwargs.get("return_vectors") else 0) + kwargs.get("keep_vectors", 0)
+    formula = shared_space.tensor_bytes(N_MEMORY, capacity, block, returned, torch.float32)
+    assert results[0].num_matvecs >= capacity  # the basis filled (restarted, for the capped run)
+    assert 0.9 * formula <= peak <= formula, (peak / (4 * N_MEMORY), formula / (4 * N_MEMORY))
+
+
+def test_the_check_refuses_exactly_when_the_formula_exceeds_free_memory(monkeypatch):
     matrix, _ = hessian_like(100)
+    cap = 8 * 100 * 12  # 12 float64 columns
+    needed = shared_space.peak_bytes(100, 12, 4, 0, torch.float64)
+    # basis, 2 working blocks + 2 of the allocator's heap, the projections, the runtime
+    assert needed == 8 * 100 * (12 + 4 * 4) + 8 * 4 * 12**2 + 32 * 2**20
+    monkeypatch.setattr(shared_space, "available_memory", lambda device: needed - 1)
     op = MatrixOperator(matrix)
-    with pytest.raises(
-        HessianTooLargeError, match=r"Krylov basis needs .* GB \(100 parameters x .*`density_steps`"
+    with pytest.raises(HessianTooLargeError):
+        shared_space_estimates(op, density=False, max_basis_bytes=cap)
+    assert op.num_matvecs == 0  # refused before any product
+    monkeypatch.setattr(shared_space, "available_memory", lambda device: needed)
+    assert shared_space_estimates(op, density=False, max_basis_bytes=cap).num_matvecs > 0
+
+
+def test_a_run_that_cannot_fit_names_the_settings_that_help(monkeypatch):
+    """The basis is capped at a quarter of free memory, so a refusal means the vectors beside it do
+    not fit: the message names the probes first, and they are what makes it fit; neither the steps
+    nor the trace probes change it (as they did not before either, though the message named them)."""
+    free = 80_000_000  # a quarter holds 5 columns of 1e6 float32: the basis takes its floor of 2 blocks
+    monkeypatch.setattr(shared_space, "available_memory", lambda device: free)
+    op = Diagonal(torch.linspace(-0.1, 1.0, 1_000_000))
+    messages = []
+    for kwargs in ({}, {"max_steps": 8}, {"trace_probes": 0}):
+        with pytest.raises(HessianTooLargeError) as refused:
+            shared_space_estimates(op, **kwargs)
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1] == messages[2]
+    message = messages[0]
+    needed = shared_space.peak_bytes(1_000_000, 8, 4, 0, torch.float32)
+    assert (
+        f"needs {needed / 2**20:.2f} MB (1000000 parameters x (8 basis + 16 working + 0 returned)" in message
+    )
+    assert f"but cpu has {free / 2**20:.2f} MB free" in message and "GB" not in message
+    assert message.index("`density_probes`") < message.index("`params=`") < message.index("`blocks=`")
+    assert "`trace_matvecs` nothing" in message
+    with pytest.warns(HessianConvergenceWarning, match="capped at 5 columns"):  # fits, in a small basis
+        result = shared_space_estimates(op, num_probes=1)  # the first fix named
+    assert result.num_matvecs > 0
+
+
+def test_a_capped_density_run_warns_and_flags_what_it_missed():
+    matrix, _ = hessian_like()
+    with pytest.warns(
+        HessianConvergenceWarning, match=r"capped at 12 columns by memory .* instead of 4 x max_steps=40"
     ):
-        shared_space_estimates(op, seed=0)
-    assert op.num_matvecs == 0
+        result = shared_space_estimates(MatrixOperator(matrix), tol=1e-6, max_basis_bytes=8 * 300 * 12)
+    assert result.num_steps == 3  # the cap, not the density's 8 steps nor convergence, stopped it
+    assert not bool(result.eigenvalues.converged.all())
+
+
+def test_a_capped_density_run_warns_with_the_fixes():
+    matrix, _ = hessian_like()
+    with pytest.warns(HessianConvergenceWarning) as caught:
+        shared_space_estimates(MatrixOperator(matrix), tol=1e-6, max_basis_bytes=8 * 300 * 12)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "3 block steps, below the density's min_steps=8" in message
+    assert "A density cannot restart" in message and "`max_basis_bytes`" in message
+
+
+@pytest.mark.parametrize("smallest", [True, False])
+def test_a_capped_run_without_density_restarts_to_the_exact_eigenvalues(smallest):
+    matrix, values = hessian_like()
+    tol = 1e-6
+    settings = {"top_k": 3, "min_eigenvalue": smallest, "density": False, "trace": False, "tol": tol}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged within the cap: no warning
+        capped = shared_space_estimates(
+            MatrixOperator(matrix), max_steps=100, max_basis_bytes=8 * 300 * 20, **settings
+        )
+    uncapped = shared_space_estimates(MatrixOperator(matrix), max_steps=100, **settings)
+    scale = float(values.abs().max())
+    exact = torch.linalg.eigvalsh(matrix)
+    for result in (capped, uncapped):
+        assert bool(result.eigenvalues.converged.all())
+        torch.testing.assert_close(result.eigenvalues.values, exact.flip(0)[:3], rtol=0, atol=tol * scale)
+        assert torch.all(result.eigenvalues.residuals <= tol * scale)
+        if smallest:
+            assert bool(result.min_eigenvalue.converged.all())
+            torch.testing.assert_close(result.min_eigenvalue.values, exact[:1], rtol=0, atol=tol * scale)
+    assert capped.num_matvecs > 20  # more products than the basis holds: it restarted
+    assert capped.num_matvecs <= 2 * uncapped.num_matvecs
+
+
+def test_the_krylov_aware_trace_stays_unbiased_after_restarts():
+    matrix, values = hessian_like(200)
+    true = float(values.sum())
+    z = []
+    for seed in range(30):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", HessianConvergenceWarning)  # the smallest is not converged
+            result = shared_space_estimates(
+                MatrixOperator(matrix),
+                top_k=3,
+                density=False,
+                max_steps=12,
+                trace_probes=12,
+                seed=seed,
+                tol=1e-12,
+                max_basis_bytes=8 * 200 * 16,
+            )
+        assert result.num_steps == 12  # restarted: 48 products through a basis of 16
+        z.append((result.trace.value - true) / result.trace.stderr)
+    z = torch.tensor(z)
+    assert abs(float(z.mean())) < 0.6
+    assert 0.6 < math.sqrt(float((z**2).mean())) < 1.5
+
+
+def test_a_capped_run_without_density_that_runs_out_of_steps_warns():
+    matrix, _ = hessian_like()
+    with pytest.warns(
+        HessianConvergenceWarning, match=r"restarted \d+ time\(s\) within the cap.*`max_steps`"
+    ):
+        result = shared_space_estimates(
+            MatrixOperator(matrix), density=False, tol=1e-12, max_steps=10, max_basis_bytes=8 * 300 * 16
+        )
+    flags = torch.cat([result.eigenvalues.converged, result.min_eigenvalue.converged])
+    assert result.num_steps == 10 and not bool(flags.all())
+
+
+def test_an_uncapped_run_does_not_warn():
+    matrix, _ = hessian_like()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = shared_space_estimates(MatrixOperator(matrix), tol=1e-12, max_steps=10)
+    flags = torch.cat([result.eigenvalues.converged, result.min_eigenvalue.converged])
+    assert not bool(flags.all())  # max_steps, not memory, stopped it: the flags say so
 
 
 def test_bad_arguments_are_refused():

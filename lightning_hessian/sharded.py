@@ -157,7 +157,7 @@ class ShardedHessianOperator:
                 raise ValueError(
                     f"The sharded parameters are {sorted(map(str, dtypes))}; a sharded module computes "
                     f"in its parameters' dtype, so `dtype` must be None or that dtype, got {dtype}. "
-                    "Train in the dtype to differentiate in (e.g. Trainer(precision='64-true'))."
+                    "Train with float32 parameters (e.g. Trainer(precision='bf16-mixed') or '32-true')."
                 )
             if not fsdp_modules(model):
                 raise ValueError(

@@ -22,8 +22,15 @@ previous evaluation's Ritz vectors) builds one orthonormal basis ``Q`` with its 
   ``Q`` (independent of ``Q``, so unbiased), whose sample deviation gives the standard error. The
   space holds the top of the spectrum, so the remainder and its variance are small.
 
-About 450 lines for that one job: the space, its stopping rules (cold, and the warm chain with its
-certificate) and the three readers share the basis and its memory check, so they stay together.
+Memory: the basis takes at most :data:`BASIS_MEMORY_SHARE` of free memory; everything else a run
+holds is a few blocks of vectors (products and projections go in place, the trace probes in chunks
+of the block), counted by :func:`peak_bytes`, which :func:`check_basis_fits` refuses by before any
+product. Where the cap, not ``max_steps``, bounds the basis, a run without density thick-restarts
+within it (:func:`_restart`).
+
+About 600 lines for that one job: the space, its stopping rules (cold with its restarts, and the warm
+chain with its certificate), the three readers and the memory they share (formula, check, warning)
+stay together.
 """
 
 from __future__ import annotations
@@ -56,10 +63,12 @@ MIB = 1024**2
 STEP_BLOCKS = 2
 #: float64 ``capacity x capacity`` matrices of a run (see :func:`peak_bytes`).
 PROJECTION_MATRICES = 4
-#: Allowance for the heap the C allocator keeps from freed working vectors, in start blocks.
-HEAP_BLOCKS = 2
-#: Allowance for the runtime's own growth on a first run (BLAS/LAPACK and thread start-up).
-RUNTIME_BYTES = 32 * MIB
+#: Allowance for the heap the C allocator keeps from freed working vectors, in start blocks: glibc
+#: kept 13 to 27 columns (block 4) beyond the tensors at N = 1e6 and 2e6 (benchmarks/basis_memory.py).
+HEAP_BLOCKS = 6
+#: Allowance for the runtime's own growth on a first run (BLAS/LAPACK and thread start-up: 15 MiB
+#: measured at N = 4000), with the rest of the kept heap at small N (61 MiB in all at N = 250,000).
+RUNTIME_BYTES = 64 * MIB
 
 
 @dataclass
@@ -535,7 +544,12 @@ def shared_space_estimates(
         return_vectors: Put the top-k Ritz vectors in ``eigenvalues.vectors``.
         max_basis_bytes: Memory the basis may take (see :func:`basis_capacity`); default
             :data:`BASIS_MEMORY_SHARE` of the device's free memory (:data:`BASIS_BYTES` where it
-            cannot be told). When the cap stops the run before the values converge, their flags say so.
+            cannot be told). Where that caps the basis below ``block * max_steps`` columns: without a
+            density the basis thick-restarts within the cap, keeping the wanted Ritz vectors (and
+            the smallest, for the tolerance's scale), and goes on to ``max_steps``; a density cannot
+            restart, so its run stops at the cap. Either way a run the cap left short (a wanted value
+            unconverged, or fewer than ``min_steps`` steps with a density) warns once
+            (:class:`~lightning_hessian.lanczos.HessianConvergenceWarning`) and its flags say so.
 
     Returns:
         A :class:`SharedSpaceResult`.
@@ -543,6 +557,7 @@ def shared_space_estimates(
     Raises:
         TypeError: For arguments of the wrong type.
         ValueError: For arguments out of range or start vectors of the wrong shape.
+        HessianTooLargeError: When :func:`peak_bytes` exceeds the free memory, before any product.
 
     Example:
         >>> from lightning_hessian.linear_operator import MatrixOperator

@@ -285,8 +285,8 @@ def test_the_check_refuses_exactly_when_the_formula_exceeds_free_memory(monkeypa
     matrix, _ = hessian_like(100)
     cap = 8 * 100 * 12  # 12 float64 columns
     needed = shared_space.peak_bytes(100, 12, 4, 0, torch.float64)
-    # basis, 2 working blocks + 2 of the allocator's heap, the projections, the runtime
-    assert needed == 8 * 100 * (12 + 4 * 4) + 8 * 4 * 12**2 + 32 * 2**20
+    # basis, 2 working blocks + 6 of the allocator's heap, the projections, the runtime
+    assert needed == 8 * 100 * (12 + 8 * 4) + 8 * 4 * 12**2 + 64 * 2**20
     monkeypatch.setattr(shared_space, "available_memory", lambda device: needed - 1)
     op = MatrixOperator(matrix)
     with pytest.raises(HessianTooLargeError):
@@ -300,7 +300,7 @@ def test_a_run_that_cannot_fit_names_the_settings_that_help(monkeypatch):
     """The basis is capped at a quarter of free memory, so a refusal means the vectors beside it do
     not fit: the message names the probes first, and they are what makes it fit; neither the steps
     nor the trace probes change it (as they did not before either, though the message named them)."""
-    free = 80_000_000  # a quarter holds 5 columns of 1e6 float32: the basis takes its floor of 2 blocks
+    free = 140_000_000  # a quarter holds 8 columns of 1e6 float32: the basis of 4 probes takes its floor
     monkeypatch.setattr(shared_space, "available_memory", lambda device: free)
     op = Diagonal(torch.linspace(-0.1, 1.0, 1_000_000))
     messages = []
@@ -312,12 +312,12 @@ def test_a_run_that_cannot_fit_names_the_settings_that_help(monkeypatch):
     message = messages[0]
     needed = shared_space.peak_bytes(1_000_000, 8, 4, 0, torch.float32)
     assert (
-        f"needs {needed / 2**20:.2f} MB (1000000 parameters x (8 basis + 16 working + 0 returned)" in message
+        f"needs {needed / 2**20:.2f} MB (1000000 parameters x (8 basis + 32 working + 0 returned)" in message
     )
     assert f"but cpu has {free / 2**20:.2f} MB free" in message and "GB" not in message
     assert message.index("`density_probes`") < message.index("`params=`") < message.index("`blocks=`")
     assert "`trace_matvecs` nothing" in message
-    with pytest.warns(HessianConvergenceWarning, match="capped at 5 columns"):  # fits, in a small basis
+    with pytest.warns(HessianConvergenceWarning, match="capped at 8 columns"):  # fits, in a small basis
         result = shared_space_estimates(op, num_probes=1)  # the first fix named
     assert result.num_matvecs > 0
 

@@ -64,7 +64,9 @@ STEP_BLOCKS = 2
 #: float64 ``capacity x capacity`` matrices of a run (see :func:`peak_bytes`).
 PROJECTION_MATRICES = 4
 #: Allowance for the heap the C allocator keeps from freed working vectors, in start blocks: glibc
-#: kept 13 to 27 columns (block 4) beyond the tensors at N = 1e6 and 2e6 (benchmarks/basis_memory.py).
+#: kept 7 to 32 columns (block 4) beyond the tensors at N = 1e6 and 2e6 (benchmarks/basis_memory.py)
+#: in 12 of 15 runs; with 99 trace probes (25 chunks) 3 of 5 runs kept more, up to 85 columns (two
+#: runs under MALLOC_ARENA_MAX=1 kept 12 and 18): not covered, see the README's memory section.
 HEAP_BLOCKS = 6
 #: Allowance for the runtime's own growth on a first run (BLAS/LAPACK and thread start-up: 15 MiB
 #: measured at N = 4000), with the rest of the kept heap at small N (61 MiB in all at N = 250,000).

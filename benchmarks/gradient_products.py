@@ -12,10 +12,16 @@ exact products of the same model in the same dtype:
 - the trace (Hutch++, 60 products, same seed): relative error.
 
 Cost: time per product in gradients (a plain ``torch.autograd.grad(loss_fn(model, batch), params)``
-on the module), interleaved (every repeat times each in turn), median of ``--repeats``; also on the
+on the module), interleaved (every repeat times each in turn), the least time of ``--repeats`` of each
+(the least disturbed: this machine is shared, and medians of 7 moved by 10-20% between runs); also on the
 141k mid-size CNN of ``benchmarks/common.py``. Products are timed as an analysis runs them (with the
-operator's closure held, so the module's state is saved once around all of them), and central
-differences also as a standalone ``op @ v``, which saves and restores that state around itself.
+operator's closure held, so the module's state is saved once around all of them): one vector, and a
+block of 4 in one ``op @ V`` (as the shared Krylov space multiplies them), per product; central
+differences also as a standalone ``op @ v``, which saves and restores that state around itself. What a
+central product costs beyond its two gradients, in microseconds, is fixed work (the step's norms, two
+writes of ``θ ± h d``, the difference, the finiteness check, the Python around them); a second table
+times central differences on each smooth model and two larger ones of its kind, where that fixed work
+weighs less.
 
 Compiled modules: ``torch.compile`` (inductor) of the tanh MLP with an MSE loss, where neither exact
 method works (aot_autograd has no double backward, and ``jvp(grad(F.mse_loss))`` fails in torch), and
@@ -54,16 +60,19 @@ from lightning_hessian.operator.differences import FINITE_DIFFERENCE, RICHARDSON
 REVERSE = "reverse-over-reverse"
 TARGETS = {torch.float32: (1e-3, 1e-3), torch.float64: (1e-7, 1e-8)}  # (single product, top-5)
 TOL = {torch.float32: 1e-5, torch.float64: 1e-9}
+BLOCK = 4  # vectors per block product in the cost tables (the shared Krylov space's default block)
 
 
 class SmallCNN(nn.Module):
     """Two conv-BatchNorm-activation blocks, pooling, a linear head: 4,117 parameters."""
 
-    def __init__(self, activation: type[nn.Module] = nn.SiLU, pool=F.avg_pool2d) -> None:
+    def __init__(
+        self, activation: type[nn.Module] = nn.SiLU, pool=F.avg_pool2d, channels: int = 16, side: int = 8
+    ) -> None:
         super().__init__()
-        self.c1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.c2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.head = nn.Linear(16 * 4 * 4, 5)
+        self.c1, self.bn1 = nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.c2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels * (side // 2) ** 2, 5)
         self.act, self.pool = activation(), pool
 
     def forward(self, x: Tensor) -> Tensor:
@@ -75,13 +84,13 @@ class SmallCNN(nn.Module):
 class Encoder(nn.Module):
     """Linear embedding, one ``nn.TransformerEncoderLayer`` (d=32, 4 heads), mean pool, head: 8,997."""
 
-    def __init__(self, activation: str = "gelu") -> None:
+    def __init__(self, activation: str = "gelu", width: int = 32) -> None:
         super().__init__()
-        self.embed = nn.Linear(8, 32)
+        self.embed = nn.Linear(8, width)
         self.layer = nn.TransformerEncoderLayer(
-            32, 4, 64, dropout=0.0, batch_first=True, activation=activation
+            width, 4, 2 * width, dropout=0.0, batch_first=True, activation=activation
         )
-        self.head = nn.Linear(32, 5)
+        self.head = nn.Linear(width, 5)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.layer(self.embed(x)).mean(1))
@@ -90,9 +99,9 @@ class Encoder(nn.Module):
 class Recurrent(nn.Module):
     """An LSTM (8 -> 32) and a linear head on the last step: 5,541 parameters."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 32) -> None:
         super().__init__()
-        self.rnn, self.head = nn.LSTM(8, 32, batch_first=True), nn.Linear(32, 5)
+        self.rnn, self.head = nn.LSTM(8, hidden, batch_first=True), nn.Linear(hidden, 5)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.rnn(x)[0][:, -1])
@@ -117,8 +126,10 @@ class FusedTanh(nn.Module):
         return _OnceTanh.apply(x)
 
 
-def tanh_mlp(activation: type[nn.Module] = nn.Tanh) -> nn.Module:
-    return nn.Sequential(nn.Linear(20, 64), activation(), nn.Linear(64, 64), activation(), nn.Linear(64, 5))
+def tanh_mlp(activation: type[nn.Module] = nn.Tanh, width: int = 64) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(20, width), activation(), nn.Linear(width, width), activation(), nn.Linear(width, 5)
+    )
 
 
 MODELS = {
@@ -139,9 +150,35 @@ def mse(module: nn.Module, batch) -> Tensor:
     return F.mse_loss(module(batch[0]), F.one_hot(batch[1], 5).to(batch[0].dtype))
 
 
-def problem(name: str, seed: int = 0):
+# The smooth models of MODELS (the first of each) and larger ones of the same kind, for the cost by
+# size: (label, builder, input shape).
+SIZES = {
+    "tanh MLP": [
+        ("width 64, batch 64", tanh_mlp, (64, 20)),
+        ("width 256, batch 256", lambda: tanh_mlp(width=256), (256, 20)),
+        ("width 1024, batch 512", lambda: tanh_mlp(width=1024), (512, 20)),
+    ],
+    "CNN, BatchNorm eval, SiLU": [
+        ("16 channels, 8x8, batch 32", SmallCNN, (32, 3, 8, 8)),
+        ("32 channels, 16x16, batch 32", lambda: SmallCNN(channels=32, side=16), (32, 3, 16, 16)),
+        ("64 channels, 32x32, batch 32", lambda: SmallCNN(channels=64, side=32), (32, 3, 32, 32)),
+    ],
+    "transformer encoder layer, GELU": [
+        ("width 32, 6 tokens, batch 32", Encoder, (32, 6, 8)),
+        ("width 64, 32 tokens, batch 32", lambda: Encoder(width=64), (32, 32, 8)),
+        ("width 128, 64 tokens, batch 32", lambda: Encoder(width=128), (32, 64, 8)),
+    ],
+    "LSTM": [
+        ("hidden 32, 6 steps, batch 32", Recurrent, (32, 6, 8)),
+        ("hidden 64, 16 steps, batch 64", lambda: Recurrent(64), (64, 16, 8)),
+        ("hidden 128, 32 steps, batch 64", lambda: Recurrent(128), (64, 32, 8)),
+    ],
+}
+
+
+def problem(name: str, seed: int = 0, size: int = 0):
     torch.manual_seed(seed)
-    make, shape = MODELS[name]
+    make, shape = MODELS[name] if size == 0 else SIZES[name][size][1:]
     model = make()
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -210,23 +247,26 @@ def accuracy(name: str, dtype: torch.dtype) -> list:
     ]
 
 
-def cost(model: nn.Module, data, repeats: int) -> list[float]:
-    """Seconds per call of a plain gradient, and products in gradients: central, Richardson and exact
-    as an analysis runs them (its closure held: the module's state saved once, not per product), and
-    central as one standalone ``op @ v`` (which saves and restores the module's state itself).
+def cost(model: nn.Module, data, repeats: int, methods=(FINITE_DIFFERENCE, RICHARDSON, REVERSE)) -> dict:
+    """Seconds per call of a plain gradient and per product of each method, as an analysis runs them
+    (its closure held: the module's state saved once, not per product); central differences also
+    for a block of 4 vectors in one ``op @ V`` (per product; the shared Krylov space multiplies
+    blocks) and as one standalone ``op @ v`` (which saves and restores the module's state itself).
+    Interleaved; the least of ``repeats`` times of each.
     """
     batch = data[0]
     params = [p for p in model.parameters() if p.requires_grad]
-    ops = {
-        m: quiet_operator(model, cross_entropy, data, hvp=m) for m in (FINITE_DIFFERENCE, RICHARDSON, REVERSE)
-    }
+    ops = {m: quiet_operator(model, cross_entropy, data, hvp=m) for m in methods}
     standalone = quiet_operator(model, cross_entropy, data, hvp=FINITE_DIFFERENCE)
-    v = torch.randn(ops[REVERSE].shape[0], generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    v = torch.randn(standalone.shape[0], generator=generator)
+    block = torch.randn(standalone.shape[0], BLOCK, generator=generator)
 
     def gradient() -> None:
         torch.autograd.grad(cross_entropy(model, batch), params)
 
     calls = {"gradient": gradient, **{m: (lambda op=op: op @ v) for m, op in ops.items()}}
+    calls["block"] = lambda: ops[FINITE_DIFFERENCE] @ block
     calls["standalone"] = lambda: standalone @ v
     for call in calls.values():  # warm up: graphs, first-product checks
         quietly(call)
@@ -239,10 +279,14 @@ def cost(model: nn.Module, data, repeats: int) -> list[float]:
                 start = time.perf_counter()
                 call()
                 times[key].append(time.perf_counter() - start)
-    median = {k: statistics.median(t) for k, t in times.items()}
-    return [median["gradient"]] + [
-        median[m] / median["gradient"] for m in (FINITE_DIFFERENCE, "standalone", RICHARDSON, REVERSE)
-    ]
+    seconds = {k: min(t) for k, t in times.items()}  # the least disturbed run of each (a shared machine)
+    seconds["block"] /= BLOCK
+    return seconds
+
+
+def fixed_work(seconds: dict, key: str) -> str:
+    """What a central product costs beyond its two gradients, in microseconds."""
+    return f"{(seconds[key] - 2 * seconds['gradient']) * 1e6:.0f}"
 
 
 def analyze_pair(module: nn.Module, eager: nn.Module, loss_fn, data) -> list:
@@ -333,32 +377,62 @@ def once_differentiable_rows() -> list[list]:
 
 def print_cost_table(repeats: int) -> None:
     """The cost of a product by method, in plain gradients, on every smooth model and the mid-size CNN."""
-    print(f"\nCost per product, in plain gradients (float32, median of {repeats}, interleaved)")
-    cost_rows = []
-    for name in MODELS:
-        if "ReLU" in name:
-            continue
-        model, data = problem(name)
-        gradient, *ratios = cost(model, data, repeats)
-        cost_rows.append([name, f"{gradient * 1e3:.2f} ms", *(f"{r:.2f}" for r in ratios)])
-    model, loss_fn, data = mid_cnn_problem()
-    gradient, *ratios = cost(model, data, repeats)
-    cost_rows.append(
-        ["mid-size CNN (141,034 params, batch 64)", f"{gradient * 1e3:.1f} ms", *(f"{r:.2f}" for r in ratios)]
-    )
-    print(
-        markdown_table(
+    print(f"\nCost per product, in plain gradients (float32, least of {repeats}, interleaved)")
+    problems = [(name, *problem(name)) for name in MODELS if "ReLU" not in name]
+    model, _, data = mid_cnn_problem()
+    problems.append(("mid-size CNN (141,034 params, batch 64)", model, data))
+    rows = []
+    for name, model, data in problems:
+        seconds = cost(model, data, repeats)
+        keys = (FINITE_DIFFERENCE, "block", "standalone", RICHARDSON, REVERSE)
+        rows.append(
             [
-                "model",
-                "gradient",
-                "central (in an analysis)",
-                "central (standalone op @ v)",
-                "Richardson",
-                "reverse-over-reverse (exact)",
-            ],
-            cost_rows,
+                name,
+                f"{seconds['gradient'] * 1e3:.2f} ms",
+                *(f"{seconds[k] / seconds['gradient']:.2f}" for k in keys),
+                f"{fixed_work(seconds, FINITE_DIFFERENCE)} / {fixed_work(seconds, 'block')}",
+            ]
         )
-    )
+    header = [
+        "model",
+        "gradient",
+        "central (one vector, in an analysis)",
+        f"central (a block of {BLOCK}, per product)",
+        "central (standalone `op @ v`)",
+        "Richardson",
+        "reverse-over-reverse (exact)",
+        "central beyond two gradients, µs (one vector / block)",
+    ]
+    print(markdown_table(header, rows))
+
+
+def print_size_table(repeats: int) -> None:
+    """The cost of central differences on each smooth model and two larger ones of its kind."""
+    print(f"\nCentral differences by model size, in plain gradients (float32, least of {repeats})")
+    rows = []
+    for name, sizes in SIZES.items():
+        for size, (label, _, _) in enumerate(sizes):
+            model, data = problem(name, size=size)
+            seconds = cost(model, data, repeats, methods=(FINITE_DIFFERENCE,))
+            rows.append(
+                [
+                    f"{name}, {label}",
+                    f"{sum(p.numel() for p in model.parameters()):,}",
+                    f"{seconds['gradient'] * 1e3:.2f} ms",
+                    f"{seconds[FINITE_DIFFERENCE] / seconds['gradient']:.2f}",
+                    f"{seconds['block'] / seconds['gradient']:.2f}",
+                    f"{fixed_work(seconds, FINITE_DIFFERENCE)} / {fixed_work(seconds, 'block')}",
+                ]
+            )
+    header = [
+        "model",
+        "N",
+        "gradient",
+        "central (one vector)",
+        f"central (a block of {BLOCK}, per product)",
+        "beyond two gradients, µs (one vector / block)",
+    ]
+    print(markdown_table(header, rows))
 
 
 def main() -> None:
@@ -366,12 +440,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-compile", action="store_true")
-    parser.add_argument("--cost-only", action="store_true", help="only the cost table")
+    parser.add_argument("--cost-only", action="store_true", help="only the cost tables")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_line())
     if args.cost_only:
         print_cost_table(args.repeats)
+        print_size_table(args.repeats)
         return
     print("\nAccuracy of gradient differences vs the exact products of the same model and dtype")
     rows = [accuracy(name, dtype) for name in MODELS for dtype in (torch.float32, torch.float64)]
@@ -392,6 +467,7 @@ def main() -> None:
     )
     print("\n✗: above the target (products 1e-3 / 1e-7, top-5 eigenvalues 1e-3 / 1e-8 in float32 / float64)")
     print_cost_table(args.repeats)
+    print_size_table(args.repeats)
     print(
         "\nA once-differentiable tanh (custom autograd.Function, backward @once_differentiable), top-2 of 5"
     )

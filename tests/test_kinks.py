@@ -150,15 +150,23 @@ def test_replay_at_theta_is_the_native_forward_and_gradient(kind):
         torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)
 
 
-def test_patterns_are_bool_masks_int8_codes_and_int64_indices():
-    x = torch.randn(2, 3, 4, 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_patterns_are_factors_bool_masks_int8_codes_and_int64_indices(dtype):
+    x = torch.randn(2, 3, 4, 4, dtype=dtype)
     with FrozenKinks() as recording:
         F.relu(x)
-        F.leaky_relu(x)
+        F.leaky_relu(x, 0.1)
+        F.threshold(x, 0.5, -1.0)
         F.hardtanh(x)
         F.max_pool2d(x, 2)
-    assert [p.dtype for p in recording.patterns.values] == [torch.bool, torch.bool, torch.int8, torch.int64]
-    assert recording.patterns.nbytes == 3 * x.numel() + 8 * x.numel() // 4
+    kinds = [dtype, dtype, torch.bool, torch.int8, torch.int64]
+    assert [p.dtype for p in recording.patterns.values] == kinds
+    size = x.element_size()
+    assert recording.patterns.nbytes == 2 * size * x.numel() + 2 * x.numel() + 8 * x.numel() // 4
+    relu, leaky = recording.patterns.values[:2]
+    assert torch.equal(relu, (x > 0).to(dtype))  # multiplied in: relu's value at θ, to the bit
+    assert torch.equal(leaky, torch.where(x > 0, 1.0, torch.tensor(0.1, dtype=dtype)))
+    assert torch.equal(x * relu, F.relu(x)) and torch.equal(x * leaky, F.leaky_relu(x, 0.1))
 
 
 def test_a_relu_transformer_encoder_layer_goes_through_the_mode_and_is_frozen():

@@ -316,3 +316,25 @@ def test_auto_choice_memory_is_not_inherited_by_a_new_model_at_a_freed_address()
     assert reused, "no freed address was reused; the test needs one"
     assert all(_model_serial(m) != serial_at[id(m)] for m in reused)
     assert len({_model_serial(m) for m in alive}) == len(alive)
+
+
+def test_a_small_block_product_is_not_sized_from_free_memory(monkeypatch):
+    # Asking the system for free memory takes about as long as a small model's gradient: a block
+    # whose columns together need little runs in one chunk without asking; a large one still asks.
+    import lightning_hessian.operator.hessian as hessian_module
+
+    calls = []
+
+    def counted(device):
+        calls.append(device)
+        return 8 * 1024**3
+
+    monkeypatch.setattr(hessian_module, "available_memory", counted)
+    model, data = tiny()
+    op = lh.HessianOperator(model, cross_entropy_loss, data, hvp=REVERSE)
+    V = torch.randn(op.shape[0], 4, dtype=op.dtype)
+    torch.testing.assert_close(op @ V, torch.stack([op @ V[:, j].contiguous() for j in range(4)], 1))
+    assert calls == []
+    monkeypatch.setattr(hessian_module, "_SMALL_PRODUCT_BYTES", 1)
+    op @ V
+    assert len(calls) == 1

@@ -282,7 +282,8 @@ class ProductKernels:
         """
         support = self.space.subspace(support).names  # in flat order, as the row's entries
         targets = self.space.subspace(targets).names
-        step = difference_step(self.dtype, self._support_lengths(support), self._norms(row, support))
+        norms = self._norms(row[None], support)[0]
+        step = difference_step(self.dtype, self._support_lengths(support), norms)
         try:
             return self._gradients_along(row, step, support, targets, multiples), step
         except KinkMismatch:  # freezing is off now: every gradient again, unfrozen
@@ -336,15 +337,15 @@ class ProductKernels:
         batches = range(len(self.closure.batches))
         point = self._point()
         selected = point.targets(targets)
+        lengths = self._support_lengths(support)
         with self.closure.context(second_order=False):
             fixed = self.closure.buffers()
             with self.closure.swapped(point.tensors, fixed):
-                for row, destination in zip(rows.unbind(), out.unbind(), strict=True):
-                    norms = self._norms(row, support)
+                rows_norms = self._norms(rows, support)
+                for row, destination, norms in zip(rows.unbind(), out.unbind(), rows_norms, strict=True):
                     if not any(norms):
                         destination.zero_()
                         continue
-                    lengths = self._support_lengths(support)
                     step = difference_step(self.dtype, lengths, norms, method) * step_factor
                     for i in batches:
                         weight = self.closure.weight(i, self.num_samples)
@@ -449,10 +450,11 @@ class ProductKernels:
             self._perturbed = point
         return point
 
-    def _norms(self, row: Tensor, support: tuple[str, ...]) -> list[float]:
-        """``||d_k||`` of ``row``'s part on each support tensor ``k`` (one reduction, one sync)."""
-        parts = row.split_with_sizes(self.space.subspace(support).sizes)
-        return torch.stack(torch._foreach_norm(parts)).tolist()
+    def _norms(self, rows: Tensor, support: tuple[str, ...]) -> list[list[float]]:
+        """``||d_k||`` of each row's part on each support tensor ``k`` (one reduction, one sync)."""
+        sizes = self.space.subspace(support).sizes
+        parts = [part for row in rows.unbind() for part in row.split_with_sizes(sizes)]
+        return torch.stack(torch._foreach_norm(parts)).view(rows.shape[0], len(sizes)).tolist()
 
     def _support_lengths(self, support: tuple[str, ...]) -> list[float]:
         return [self._lengths[n] for n in support]

@@ -13,11 +13,12 @@ jump, of size ``O(1)``, divided by ``2h`` (NOTE [Kinks] in :mod:`.differences`).
 are about ``6e-3 L``, that made products on ReLU networks wrong by 100% and more.
 
 Under :class:`FrozenKinks` the forward passes at ``θ ± h d`` compute ``f_θ`` itself: each kinked call
-reuses the pattern recorded, call by call, in a forward pass at ``θ`` (relu as ``x * mask``,
-leaky ReLU as ``where(mask, x, slope x)``, hardtanh as ``x`` inside its window and the recorded bound
-outside, max-pooling as a gather at the recorded argmax indices). At ``θ`` each replayed form has the
-native function's value and the derivative of its native backward formula (the mask ``x > 0``,
-hardtanh's open window, the recorded argmax), so the forward and the gradient at ``θ`` are unchanged;
+reuses the pattern recorded, call by call, in a forward pass at ``θ`` (relu as ``x * mask``, leaky
+ReLU as ``x * factor`` with a factor of 1 or the slope, hardtanh as ``x`` inside its window and the
+recorded bound outside, max-pooling as a gather at the recorded argmax indices). At ``θ`` each
+replayed form has the native function's value and the derivative of its native backward formula (the
+mask ``x > 0``, hardtanh's open window, the recorded argmax), so the forward and the gradient at ``θ``
+are unchanged;
 and each is linear (or constant) in its input, elementwise, so ``f_θ`` is as smooth as the network's
 other layers, its second derivative at ``θ`` is what double backward computes, and the differences
 converge to that product at the rate of a smooth loss (NOTE [Step of gradient differences]). Measured
@@ -51,9 +52,11 @@ replay (a rank that raises inside a sharded forward fails every rank, as without
 
 Memory: one pattern per kinked call of a batch's forward, kept per batch while all batches' patterns
 fit in a quarter of the free memory (else only the latest batch's, recorded again, in one forward
-pass, when needed): one byte per element of each ReLU, threshold, leaky ReLU or hardtanh input (a
-bool mask or an int8 code), and eight per element of each max-pool output (int64 indices); the
-benchmark's ReLU CNN (32 samples of 3x8x8, two ReLUs and a max-pool) keeps 131 kB.
+pass, when needed): as many bytes per element of each ReLU or leaky ReLU input as the input has (a
+factor multiplied in, so that replay costs what the activation does), one per element of each other
+threshold or hardtanh input (a bool mask or an int8 code), and eight per element of each max-pool
+output (int64 indices); the benchmark's ReLU CNN (32 samples of 3x8x8, two ReLUs and a max-pool)
+keeps 328 kB (131 kB with bool masks).
 
 About 540 lines, 165 of them docstrings: the record and replay rule of each kinked function, the mode
 that applies them, their checks, and the per-batch cache that switches freezing off are one contract
@@ -121,32 +124,44 @@ class _Kink:
 
 
 class _Threshold(_Kink):
-    """``x if x > threshold else value`` (relu: threshold and value 0); the pattern is ``x > threshold``."""
+    """``x if x > threshold else value``; the pattern is ``x > threshold``, or for relu (threshold and
+    value 0) its factor ``1.0 / 0.0`` in the input's dtype, which replay multiplies in: as fast as relu
+    itself, forward and backward (a bool mask is converted at every use: the mid-size CNN's products
+    cost 0.2 gradients more; ``torch.where`` is slower still).
+    """
 
     def record(self, func: Any, bound: Bound, args: tuple, kwargs: dict) -> tuple[Any, Tensor]:
-        mask = bound["input"] > bound["threshold"]  # before an in-place call overwrites the input
-        return func(*args, **kwargs), mask
+        x = bound["input"]
+        mask = x > bound["threshold"]  # before an in-place call overwrites the input
+        pattern = mask.to(x.dtype) if _is_relu(bound) else mask
+        return func(*args, **kwargs), pattern
 
     def replay(self, bound: Bound, pattern: Tensor) -> Any:
         x, value = bound["input"], bound["value"]
-        if value == 0:  # relu: a product with the bool mask, as fast as relu (torch.where is 2-3x slower)
+        if _is_relu(bound):
             return x.mul_(pattern) if bound["inplace"] else x * pattern
         if bound["inplace"]:
             return x.masked_fill_(pattern.logical_not(), value)
         return torch.where(pattern, x, value)
 
 
+def _is_relu(bound: Bound) -> bool:
+    return bound["threshold"] == 0 and bound["value"] == 0
+
+
 class _LeakyReLU(_Kink):
-    """``x if x > 0 else slope * x``; the pattern is ``x > 0``."""
+    """``x if x > 0 else slope * x``; the pattern is its factor, ``1`` or ``slope`` per element in the
+    input's dtype, which replay multiplies in (as :class:`_Threshold` does relu's).
+    """
 
     def record(self, func: Any, bound: Bound, args: tuple, kwargs: dict) -> tuple[Any, Tensor]:
-        mask = bound["input"] > 0
-        return func(*args, **kwargs), mask
+        x = bound["input"]
+        factor = x.new_full(x.shape, bound["negative_slope"]).masked_fill_(x > 0, 1.0)
+        return func(*args, **kwargs), factor
 
     def replay(self, bound: Bound, pattern: Tensor) -> Any:
         x = bound["input"]
-        leaky = torch.where(pattern, x, x * bound["negative_slope"])
-        return x.copy_(leaky) if bound["inplace"] else leaky
+        return x.mul_(pattern) if bound["inplace"] else x * pattern
 
 
 class _Hardtanh(_Kink):

@@ -12,8 +12,8 @@ exact products of the same model in the same dtype:
 - the trace (Hutch++, 60 products, same seed): relative error.
 
 Cost: time per product in gradients (a plain ``torch.autograd.grad(loss_fn(model, batch), params)``
-on the module), interleaved (every repeat times each in turn), the least time of ``--repeats`` of each
-(the least disturbed: this machine is shared, and medians of 7 moved by 10-20% between runs); also on the
+on the module), each product timed between two gradients and divided by their mean (this machine is
+shared, and its speed drifts by 10-20% within a minute), median over ``--repeats``; also on the
 141k mid-size CNN of ``benchmarks/common.py``. Products are timed as an analysis runs them (with the
 operator's closure held, so the module's state is saved once around all of them): one vector, and a
 block of 4 in one ``op @ V`` (as the shared Krylov space multiplies them), per product; central
@@ -248,11 +248,15 @@ def accuracy(name: str, dtype: torch.dtype) -> list:
 
 
 def cost(model: nn.Module, data, repeats: int, methods=(FINITE_DIFFERENCE, RICHARDSON, REVERSE)) -> dict:
-    """Seconds per call of a plain gradient and per product of each method, as an analysis runs them
-    (its closure held: the module's state saved once, not per product); central differences also
-    for a block of 4 vectors in one ``op @ V`` (per product; the shared Krylov space multiplies
-    blocks) and as one standalone ``op @ v`` (which saves and restores the module's state itself).
-    Interleaved; the least of ``repeats`` times of each.
+    """Products of each method in plain gradients, as an analysis runs them (its closure held: the
+    module's state saved once, not per product); central differences also for a block of 4 vectors
+    in one ``op @ V`` (per product; the shared Krylov space multiplies blocks) and as one standalone
+    ``op @ v`` (which saves and restores the module's state itself).
+
+    Each timing of a product sits between two timings of the gradient, and its ratio is taken to
+    their mean, so that both see the same state of this shared machine (whose speed drifts by 10-20%
+    within a minute); every timing repeats its call to last at least 20 ms. The ratios are the
+    medians over ``repeats``; ``"gradient"`` is the median seconds of one gradient.
     """
     batch = data[0]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -265,28 +269,40 @@ def cost(model: nn.Module, data, repeats: int, methods=(FINITE_DIFFERENCE, RICHA
     def gradient() -> None:
         torch.autograd.grad(cross_entropy(model, batch), params)
 
-    calls = {"gradient": gradient, **{m: (lambda op=op: op @ v) for m, op in ops.items()}}
+    calls = {m: (lambda op=op: op @ v) for m, op in ops.items()}
     calls["block"] = lambda: ops[FINITE_DIFFERENCE] @ block
     calls["standalone"] = lambda: standalone @ v
-    for call in calls.values():  # warm up: graphs, first-product checks
+    for call in (gradient, *calls.values()):  # warm up: graphs, first-product checks
         quietly(call)
-    times: dict[str, list[float]] = {k: [] for k in calls}
+    start = time.perf_counter()
+    gradient()
+    calls_per_timing = max(1, round(0.02 / (time.perf_counter() - start)))
+
+    def timed(call) -> float:
+        start = time.perf_counter()
+        for _ in range(calls_per_timing):
+            call()
+        return (time.perf_counter() - start) / calls_per_timing
+
+    ratios: dict[str, list[float]] = {k: [] for k in calls}
+    gradients: list[float] = []
     with contextlib.ExitStack() as held:
         for op in ops.values():
             held.enter_context(op.closure.held())
         for _ in range(repeats):
             for key, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[key].append(time.perf_counter() - start)
-    seconds = {k: min(t) for k, t in times.items()}  # the least disturbed run of each (a shared machine)
-    seconds["block"] /= BLOCK
-    return seconds
+                before, seconds, after = timed(gradient), timed(call), timed(gradient)
+                ratios[key].append(seconds / ((before + after) / 2))
+                gradients += [before, after]
+    result = {k: statistics.median(r) for k, r in ratios.items()}
+    result["block"] /= BLOCK
+    result["gradient"] = statistics.median(gradients)
+    return result
 
 
-def fixed_work(seconds: dict, key: str) -> str:
+def fixed_work(result: dict, key: str) -> str:
     """What a central product costs beyond its two gradients, in microseconds."""
-    return f"{(seconds[key] - 2 * seconds['gradient']) * 1e6:.0f}"
+    return f"{(result[key] - 2) * result['gradient'] * 1e6:.0f}"
 
 
 def analyze_pair(module: nn.Module, eager: nn.Module, loss_fn, data) -> list:
@@ -377,20 +393,20 @@ def once_differentiable_rows() -> list[list]:
 
 def print_cost_table(repeats: int) -> None:
     """The cost of a product by method, in plain gradients, on every smooth model and the mid-size CNN."""
-    print(f"\nCost per product, in plain gradients (float32, least of {repeats}, interleaved)")
+    print(f"\nCost per product, in plain gradients (float32, median of {repeats}, between two gradients)")
     problems = [(name, *problem(name)) for name in MODELS if "ReLU" not in name]
     model, _, data = mid_cnn_problem()
     problems.append(("mid-size CNN (141,034 params, batch 64)", model, data))
     rows = []
     for name, model, data in problems:
-        seconds = cost(model, data, repeats)
+        ratios = cost(model, data, repeats)
         keys = (FINITE_DIFFERENCE, "block", "standalone", RICHARDSON, REVERSE)
         rows.append(
             [
                 name,
-                f"{seconds['gradient'] * 1e3:.2f} ms",
-                *(f"{seconds[k] / seconds['gradient']:.2f}" for k in keys),
-                f"{fixed_work(seconds, FINITE_DIFFERENCE)} / {fixed_work(seconds, 'block')}",
+                f"{ratios['gradient'] * 1e3:.2f} ms",
+                *(f"{ratios[k]:.2f}" for k in keys),
+                f"{fixed_work(ratios, FINITE_DIFFERENCE)} / {fixed_work(ratios, 'block')}",
             ]
         )
     header = [
@@ -408,20 +424,20 @@ def print_cost_table(repeats: int) -> None:
 
 def print_size_table(repeats: int) -> None:
     """The cost of central differences on each smooth model and two larger ones of its kind."""
-    print(f"\nCentral differences by model size, in plain gradients (float32, least of {repeats})")
+    print(f"\nCentral differences by model size, in plain gradients (float32, median of {repeats})")
     rows = []
     for name, sizes in SIZES.items():
         for size, (label, _, _) in enumerate(sizes):
             model, data = problem(name, size=size)
-            seconds = cost(model, data, repeats, methods=(FINITE_DIFFERENCE,))
+            ratios = cost(model, data, repeats, methods=(FINITE_DIFFERENCE,))
             rows.append(
                 [
                     f"{name}, {label}",
                     f"{sum(p.numel() for p in model.parameters()):,}",
-                    f"{seconds['gradient'] * 1e3:.2f} ms",
-                    f"{seconds[FINITE_DIFFERENCE] / seconds['gradient']:.2f}",
-                    f"{seconds['block'] / seconds['gradient']:.2f}",
-                    f"{fixed_work(seconds, FINITE_DIFFERENCE)} / {fixed_work(seconds, 'block')}",
+                    f"{ratios['gradient'] * 1e3:.2f} ms",
+                    f"{ratios[FINITE_DIFFERENCE]:.2f}",
+                    f"{ratios['block']:.2f}",
+                    f"{fixed_work(ratios, FINITE_DIFFERENCE)} / {fixed_work(ratios, 'block')}",
                 ]
             )
     header = [

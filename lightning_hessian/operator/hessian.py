@@ -380,8 +380,10 @@ class HessianOperator:
             out = torch.empty_like(matrix)
             chunk = self._chunk_for(matrix.shape[1])
             for begin in range(0, matrix.shape[1], chunk):
-                rows = matrix[:, begin : begin + chunk].T.contiguous()
-                out[:, begin : begin + chunk] = self.block_products(rows).T
+                # Gathered column by column, and written into ``out``'s columns by the kernels: a
+                # transposing copy each way cost 2.8 ms per block of 4 at N = 72k (a tenth of the block).
+                rows = torch.stack(matrix[:, begin : begin + chunk].unbind(1))
+                self.block_products(rows, out=out[:, begin : begin + chunk].T)
             return out
 
         return self.agreed_all_reduce(local, matrix.shape)

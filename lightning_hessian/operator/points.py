@@ -15,11 +15,14 @@ subtracted from it. A gradient then costs a write of ``θ + h d``, its forward a
 or subtraction, and the difference a division, whatever the number of parameter tensors; the values
 are those of the per-tensor form, element by element (``θ + h d``, then ``(g₊ - g₋) / (2h)``). The
 same tensors in the slots for every gradient also spare modules that cache their parameters
-(``nn.LSTM``'s flat weights) a refresh per gradient. Measured with ``benchmarks/gradient_products.py``
-(``--cost-only``, 1 thread): 2.6 gradients per product on the tanh MLP (was 3.5), 2.1-2.3 on the
-BatchNorm CNN and the transformer layer (2.5), 2.3 on the LSTM (2.8). What remains above two
-gradients is about a dozen tensor operations (the norms and their sync, two writes, a copy, a
-subtraction, a division, the finiteness check's sum, the vector's views) and the Python around them.
+(``nn.LSTM``'s flat weights) a refresh per gradient. What remains above two gradients is fixed work:
+about a dozen tensor operations (the norms and their sync, two writes, a copy, a subtraction, a
+division, the finiteness check's sum, the vector's views) and the Python around them, 0.3-0.8 ms per
+product on this machine's small models, less per product where a block of vectors goes through one
+kernel call (``op @ V``, as the shared Krylov space multiplies). Measured with
+``benchmarks/gradient_products.py --cost-only`` (1 thread, README "Gradient-difference products"): a
+central product costs 2.0-2.2 gradients once a gradient takes about 5 ms, and 2.2-2.9 on the small
+models of 0.4-2.5 ms gradients (this layout took the tanh MLP from 3.5 to 2.6-2.9).
 
 The flat tensors are the operator's own (never the module's), taken at ``θ`` only through the values
 written into them, and rewritten before every gradient: nothing is kept from one product to the next.

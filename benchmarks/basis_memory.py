@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_line, markdown_table, run_isolated  # noqa: E402
 from lightning_hessian import shared_space  # noqa: E402
+from lightning_hessian.memory import allocator_peak_bytes  # noqa: E402
 
 MIB = 2**20
 #: (label, keyword arguments of ``shared_space_estimates``) of each configuration.
@@ -85,26 +86,7 @@ def run(op: DiagonalOperator, kwargs: dict) -> tuple[int, int]:
 
 def profiled(op: DiagonalOperator, kwargs: dict) -> int:
     """Peak bytes the CPU allocator held at once during the call (above what it held before)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        shared_space.shared_space_estimates(op, **COMMON, **kwargs)
-    sizes: list[tuple[int, int]] = []
-
-    def walk(event) -> None:
-        if event.tag == _EventType.Allocation:
-            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
-        for child in event.children:
-            walk(child)
-
-    for event in prof.profiler.kineto_results.experimental_event_tree():
-        walk(event)
-    live = peak = 0
-    for _, size in sorted(sizes):
-        live += size
-        peak = max(peak, live)
-    return peak
+    return allocator_peak_bytes(lambda: shared_space.shared_space_estimates(op, **COMMON, **kwargs))
 
 
 def formulas(n: int, kwargs: dict) -> tuple[int, int, int]:

@@ -1,10 +1,10 @@
-"""How much memory a device has free, and how much a set of tensors occupies."""
+"""How much memory a device has free, how much a set of tensors occupies, and how much a call took."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -93,3 +93,44 @@ def saved_tensor_bytes() -> Iterator[list[int]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield counter
+
+
+def allocator_peak_bytes(fn: Callable[[], object]) -> int:
+    """The most bytes PyTorch's CPU allocator held at once while ``fn`` ran, above what it held before.
+
+    Replays the allocations and frees that ``torch.profiler`` records (its private event tree), so it
+    counts tensors only, not the process's other memory; the check of the shared Krylov space's
+    memory formula (``benchmarks/basis_memory.py``, ``tests/test_shared_space.py``) uses it.
+
+    Args:
+        fn: The call to measure (its result is dropped).
+
+    Returns:
+        The peak, in bytes.
+
+    Raises:
+        RuntimeError: If the profiler recorded no allocation at all.
+
+    Example:
+        >>> allocator_peak_bytes(lambda: torch.empty(1024, dtype=torch.uint8)) >= 1024
+        True
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        fn()
+    changes: list[tuple[int, int]] = []
+    stack = list(recorded.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation:
+            changes.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    if not changes:
+        raise RuntimeError("The profiler recorded no allocation: nothing to measure.")
+    live = peak = 0
+    for _, size in sorted(changes):  # frees are negative sizes
+        live += size
+        peak = max(peak, live)
+    return peak

@@ -51,6 +51,16 @@ def make_network() -> nn.Sequential:
     return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
 
 
+def shard_linear_layers(net: nn.Sequential, mesh: Any) -> None:
+    """FSDP2 on each ``Linear`` of ``net``, then on ``net`` itself (what ``configure_model`` does)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
 def make_module(shard: bool = True) -> Any:
     """A classifier whose ``configure_model`` shards it with FSDP2 (``shard=False``: the plain copy)."""
     import lightning.pytorch as pl
@@ -61,15 +71,8 @@ def make_module(shard: bool = True) -> Any:
             self.net = make_network()
 
         def configure_model(self) -> None:
-            if not shard:
-                return
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.net:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self.net, mesh=mesh)
+            if shard:
+                shard_linear_layers(self.net, self.device_mesh["data_parallel"])
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)

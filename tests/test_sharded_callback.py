@@ -308,13 +308,7 @@ class OneRankSharded:
                 self.steps = 0
 
             def configure_model(self) -> None:
-                from torch.distributed.fsdp import fully_shard
-
-                mesh = self.device_mesh["data_parallel"]
-                for layer in self.net:
-                    if isinstance(layer, nn.Linear):
-                        fully_shard(layer, mesh=mesh)
-                fully_shard(self.net, mesh=mesh)
+                sharded_scenarios.shard_linear_layers(self.net, self.device_mesh["data_parallel"])
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return self.net(x)

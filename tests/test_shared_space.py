@@ -12,6 +12,7 @@ import lightning_hessian.shared_space as shared_space
 from lightning_hessian.errors import HessianTooLargeError
 from lightning_hessian.lanczos import HessianConvergenceWarning
 from lightning_hessian.linear_operator import MatrixOperator
+from lightning_hessian.memory import allocator_peak_bytes
 from lightning_hessian.shared_space import shared_space_estimates
 from tests.spectra import with_spectrum
 
@@ -218,31 +219,6 @@ class Diagonal:
         return self.d * other if other.ndim == 1 else self.d[:, None] * other
 
 
-def allocator_peak(fn) -> int:
-    """Most bytes PyTorch's CPU allocator held at once while ``fn`` ran, above what it held before."""
-    profiler = pytest.importorskip("torch._C._profiler", reason="torch's profiler event tree")
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    sizes = []
-
-    def walk(event) -> None:
-        if event.tag == profiler._EventType.Allocation:
-            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
-        for child in event.children:
-            walk(child)
-
-    for event in prof.profiler.kineto_results.experimental_event_tree():
-        walk(event)
-    live = peak = 0
-    for _, size in sorted(sizes):
-        live += size
-        peak = max(peak, live)
-    assert sizes, "the profiler recorded no allocation"
-    return peak
-
-
 N_MEMORY = 20_000
 WARM = torch.linalg.qr(torch.randn(N_MEMORY, 3, generator=torch.Generator().manual_seed(0)))[0]
 
@@ -268,7 +244,7 @@ def test_the_formula_bounds_what_the_allocator_holds_at_the_peak(kwargs):
     results = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HessianConvergenceWarning)  # the capped run is cut short
-        peak = allocator_peak(lambda: results.append(shared_space_estimates(op, **settings)))
+        peak = allocator_peak_bytes(lambda: results.append(shared_space_estimates(op, **settings)))
     warm = kwargs.get("start_vectors")
     probes = 1 if warm is not None and kwargs.get("density") is False else 4
     block = probes + (0 if warm is None else warm.shape[1])

@@ -21,8 +21,8 @@ division, the finiteness check's sum, the vector's views) and the Python around 
 product on this machine's small models, less per product where a block of vectors goes through one
 kernel call (``op @ V``, as the shared Krylov space multiplies). Measured with
 ``benchmarks/gradient_products.py --cost-only`` (1 thread, README "Gradient-difference products"): a
-central product costs 2.0-2.2 gradients once a gradient takes about 5 ms, and 2.2-2.9 on the small
-models of 0.4-2.5 ms gradients (this layout took the tanh MLP from 3.5 to 2.6-2.9).
+central product costs 2.0-2.2 gradients once a gradient takes about 10 ms, and 2.2-2.9 on the small
+models of 0.4-3.9 ms gradients (this layout took the tanh MLP from 3.5 to 2.6-2.9).
 
 The flat tensors are the operator's own (never the module's), taken at ``θ`` only through the values
 written into them, and rewritten before every gradient: nothing is kept from one product to the next.

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import lightning_hessian as lh
 from lightning_hessian.analysis import analyze_with
 from lightning_hessian.reporting import scalar_metrics
-from tests import sharded_scenarios
+from tests import helpers, sharded_scenarios
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds per launch; a deadlocked rank would exceed it (a loaded 2-core machine: ~150)
@@ -332,27 +332,22 @@ class OneRankSharded:
 
 
 @pytest.fixture
-def one_rank_model_parallel():
+def one_rank_model_parallel(tmp_path):
     """Run a one-rank ModelParallelStrategy fit in this process; undo what it leaves behind (the gloo
     process group, the environment variables Lightning sets, torch's thread count)."""
-    import lightning.pytorch as pl
     import torch.distributed as dist
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     environ, threads = dict(os.environ), torch.get_num_threads()
 
     def fit(hessian: lh.HessianCallback, precision: str = "32-true", module: Any = None) -> tuple[Any, Any]:
-        trainer = pl.Trainer(
+        trainer = helpers.trainer(
+            tmp_path,
+            [hessian],
             strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-            accelerator="cpu",
-            devices=1,
             max_epochs=1,
             precision=precision,
             logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[hessian],
         )
         module = module or OneRankSharded.module()
         trainer.fit(module, OneRankSharded.loader())

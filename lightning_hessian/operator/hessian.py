@@ -452,9 +452,8 @@ class HessianOperator:
                 self._selector.demote(support, targets)
         if m == 1 and done == 0:  # one vector (a matvec): no slicing
             self._kernels.products(rows, self.choice.vector, False, support, targets, out=out)
-        elif method.method in DIFFERENCE_METHODS:  # their kernel loops over the rows, set up once for all
-            if done < m:
-                self._kernels.products(rows[done:], method.method, False, support, targets, out=out[done:])
+        elif method.method in DIFFERENCE_METHODS and done < m:  # their kernel loops over the rows itself
+            self._kernels.products(rows[done:], method.method, False, support, targets, out=out[done:])
         else:
             for j in range(done, m):
                 self._kernels.products(

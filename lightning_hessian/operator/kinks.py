@@ -18,10 +18,10 @@ ReLU as ``x * factor`` with a factor of 1 or the slope, hardtanh as ``x`` inside
 recorded bound outside, max-pooling as a gather at the recorded argmax indices). At ``θ`` each
 replayed form has the native function's value and the derivative of its native backward formula (the
 mask ``x > 0``, hardtanh's open window, the recorded argmax), so the forward and the gradient at ``θ``
-are unchanged;
-and each is linear (or constant) in its input, elementwise, so ``f_θ`` is as smooth as the network's
-other layers, its second derivative at ``θ`` is what double backward computes, and the differences
-converge to that product at the rate of a smooth loss (NOTE [Step of gradient differences]). Measured
+are unchanged; and each is linear (or constant) in its input, elementwise, so ``f_θ`` is as smooth as
+the network's other layers, its second derivative at ``θ`` is what double backward computes, and the
+differences converge to that product at the rate of a smooth loss (NOTE [Step of gradient
+differences]). Measured
 on ``benchmarks/gradient_products.py``: float32 products of the ReLU + max-pool CNN 4e-5 off instead of
 4.4, the ReLU transformer layer's 3.5e-5 instead of 1.1 (README, "Gradient-difference products").
 
